@@ -1,0 +1,17 @@
+//! MicroScopiQ: outlier-aware microscaling quantization co-designed with an accelerator.
+//!
+//! The crate quantizes real model weights into packed memory images, generates the
+//! accelerator's Verilog from a configuration, predicts its outputs and cycle count with an
+//! integer-exact golden model, and checks generated RTL against that model with Verilator.
+
+pub mod bits;
+pub mod config;
+pub mod flow;
+pub mod formats;
+pub mod generator;
+pub mod golden;
+pub mod image;
+pub mod quantizer;
+pub mod recon;
+pub mod simulation;
+pub mod weights;
