@@ -1,0 +1,177 @@
+//! The end-to-end job: quantize a layer, build its image, predict with the golden model,
+//! simulate the generated RTL and compare.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::config::Resolved;
+use crate::formats::pow2;
+use crate::golden::{self, Prediction};
+use crate::image::{self, Image};
+use crate::quantizer::{self, QuantizedLayer};
+use crate::simulation::{self, Comparison, SimOptions};
+use crate::weights::Matrix;
+
+/// Deterministic 64-bit generator (SplitMix64) for activations and test weights.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform integer in `[lo, hi]`.
+    pub fn range_i64(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as i64
+    }
+
+    /// Standard normal sample (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// `count` activation vectors of `k` signed `bits`-bit integers, uniform over the full range.
+pub fn random_activations(count: usize, k: usize, bits: u32, seed: u64) -> Vec<Vec<i64>> {
+    let mut rng = SplitMix64(seed);
+    let lo = -(1i64 << (bits - 1));
+    let hi = (1i64 << (bits - 1)) - 1;
+    (0..count).map(|_| (0..k).map(|_| rng.range_i64(lo, hi)).collect()).collect()
+}
+
+/// Checks that the image, decoded the way the hardware decodes it, gives exactly the
+/// quantizer's dequantized weights.
+pub fn check_image_dequantization(layer: &QuantizedLayer, r: &Resolved, image: &Image) -> Result<(), String> {
+    let decoded = golden::dequantize(r, image, &layer.bases);
+    let k_pad = image.k_tiles * r.rows;
+    for n in 0..image.n_tiles * r.cols {
+        for k in 0..k_pad {
+            let expected = if n < layer.n_out && k < layer.k_in { layer.dequant[n * layer.k_in + k] } else { 0.0 };
+            let got = decoded[n * k_pad + k];
+            if got != expected {
+                return Err(format!(
+                    "image dequantization differs from the quantizer at output {n}, input {k}: image {got:e}, quantizer {expected:e}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every golden tile output equals the exact sum of the dequantized weights
+/// times the activations, in integer arithmetic at the tile column's exponent.
+pub fn check_golden_against_gemm(layer: &QuantizedLayer, r: &Resolved, image: &Image, prediction: &Prediction, vectors: &[Vec<i64>]) -> Result<(), String> {
+    let ub_per_k = layer.n_pad / r.m;
+    for t in 0..image.tiles() {
+        let nt = t / image.k_tiles;
+        let kt = t % image.k_tiles;
+        for (v, x) in vectors.iter().enumerate() {
+            for c in 0..r.cols {
+                let n = nt * r.cols + c;
+                let k0 = kt * r.rows;
+                let base = layer.bases[(k0 / r.mab_rows) * ub_per_k + n / r.m];
+                let exp = r.column_exponent(base.exponent().expect("finite base"));
+                let mut exact: i128 = 0;
+                for k in k0..k0 + r.rows {
+                    if n >= layer.n_out || k >= layer.k_in {
+                        continue;
+                    }
+                    let w = layer.dequant[n * layer.k_in + k] * pow2(-exp);
+                    if w.fract() != 0.0 || w.abs() >= 2f64.powi(100) {
+                        return Err(format!("weight [{n}, {k}] = {w} units of 2^{exp} is not an integer"));
+                    }
+                    exact += w as i128 * x[k] as i128;
+                }
+                let got = prediction.outputs[t * vectors.len() + v][c];
+                if got != exact {
+                    return Err(format!("golden tile {t} vector {v} column {c} is {got}, exact GEMM gives {exact}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Summary of one end-to-end run, printed as a table or as JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub config_hash: String,
+    pub tensor: String,
+    pub shape: [usize; 2],
+    pub ebw: f64,
+    pub outliers: usize,
+    pub pruned: usize,
+    pub demoted: usize,
+    pub flagged_ublocks: usize,
+    pub relative_error: f64,
+    pub tiles: usize,
+    pub vectors: usize,
+    pub outputs_compared: usize,
+    pub mismatches: usize,
+    pub cycles: u64,
+    pub cycles_predicted: u64,
+    pub verilator_version: String,
+    pub first_mismatch: Option<simulation::Mismatch>,
+    /// Folder kept for inspection, when the run failed or one was requested.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Options of [`run`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub vectors: usize,
+    pub seed: u64,
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Quantizes `weights`, checks the image against the quantizer and the golden model against
+/// an exact GEMM, simulates the RTL and compares it with the golden model.
+pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn Fn(&str)) -> Result<RunReport, String> {
+    progress("quantizing");
+    let layer = quantizer::quantize(weights, r);
+    let vectors = random_activations(options.vectors, layer.k_pad, r.a, options.seed);
+    let image = image::build(&layer, r, &vectors);
+    progress("checking the image against the quantizer");
+    check_image_dequantization(&layer, r, &image)?;
+    progress("running the golden model");
+    let prediction = golden::predict(r, &image);
+    check_golden_against_gemm(&layer, r, &image, &prediction, &vectors)?;
+    let verilator_version = simulation::verilator_version().map_err(|e| e.to_string())?;
+    progress("building and running the RTL with Verilator");
+    let sim = simulation::simulate(r, &image, prediction.cycles, &SimOptions { work_dir: options.work_dir.clone() })
+        .map_err(|e| e.to_string())?;
+    let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
+    let keep = options.work_dir.is_some() || !comparison.passed();
+    if !keep {
+        let _ = std::fs::remove_dir_all(&sim.work_dir);
+    }
+    Ok(RunReport {
+        config_hash: r.hash.clone(),
+        tensor: weights.name.clone(),
+        shape: [weights.rows, weights.cols],
+        ebw: image::effective_bit_width(&layer, r),
+        outliers: layer.stats.outliers,
+        pruned: layer.stats.pruned,
+        demoted: layer.stats.demoted,
+        flagged_ublocks: layer.stats.flagged_ublocks,
+        relative_error: layer.stats.relative_error,
+        tiles: image.tiles(),
+        vectors: image.vectors,
+        outputs_compared: comparison.compared,
+        mismatches: comparison.mismatches,
+        cycles: comparison.cycles,
+        cycles_predicted: comparison.cycles_predicted,
+        verilator_version,
+        first_mismatch: comparison.first,
+        work_dir: keep.then_some(sim.work_dir),
+    })
+}

@@ -1,0 +1,307 @@
+//! Verilog generator: renders the askama templates in `templates/` for one resolved
+//! configuration.
+//!
+//! Every width is computed here and emitted as a number, so the Verilog never depends on
+//! `$clog2` of a parameter or on a replication whose count could be zero.
+
+use std::borrow::Borrow;
+use std::fmt::Display;
+use std::path::Path;
+
+use askama::Template;
+
+use crate::bits::{index_bits, signed_width};
+use crate::config::Resolved;
+use crate::image::write_atomically;
+use crate::recon;
+
+/// Generator version written into every file header.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// One generated source file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeneratedFile {
+    /// File name, without directory.
+    pub name: String,
+    pub text: String,
+}
+
+/// One ReCoN switch instance: its stage, index and bit ranges.
+#[derive(Clone, Debug)]
+pub struct SwitchSite {
+    pub stage: usize,
+    pub index: usize,
+    pub cmd_lo: usize,
+    pub lower_lo: usize,
+    pub lower_hi: usize,
+    pub upper_lo: usize,
+    pub upper_hi: usize,
+}
+
+/// Numbers and flags the templates read. Signed so that template arithmetic never wraps.
+#[derive(Clone, Debug)]
+pub struct RtlContext {
+    pub version: &'static str,
+    pub hash: String,
+    pub config_lines: Vec<String>,
+    pub rows: i64,
+    pub cols: i64,
+    pub b: i64,
+    pub a: i64,
+    pub m: i64,
+    pub log_m: i64,
+    /// Micro-blocks per row.
+    pub ubr: i64,
+    pub max_pairs: i64,
+    pub stages: i64,
+    pub per_stage: i64,
+    pub cmd_bits: i64,
+    /// Micro-exponent bits.
+    pub u: i64,
+    /// Outlier offset bits.
+    pub x: i64,
+    /// Shift register width.
+    pub sw: i64,
+    /// Exact product width before shifting.
+    pub mw: i64,
+    pub pw: i64,
+    pub lw: i64,
+    pub acc: i64,
+    /// Row word width.
+    pub rww: i64,
+    /// Pair entry width.
+    pub pew: i64,
+    /// Pair count field width.
+    pub pcb: i64,
+    pub lo_bits: i64,
+    pub hi_bits: i64,
+    pub man_bits: i64,
+    pub exp_bits: i64,
+    /// Largest micro-exponent.
+    pub dmax: i64,
+    /// Address and counter width.
+    pub aw: i64,
+    /// Width of a count of flagged micro-blocks in a row.
+    pub cw: i64,
+    pub meta_bits: i64,
+    /// Offset of the micro-exponent inside a micro-block's metadata (after the flag bit).
+    pub meta_flag: i64,
+    /// Bit where the pair lanes start in a pair entry.
+    pub pair_lo: i64,
+    /// Bit where the ReCoN commands start in a pair entry.
+    pub cmd_lo: i64,
+    pub has_shift: bool,
+    pub has_pairs: bool,
+    pub has_micro: bool,
+    pub outlier_name: String,
+    pub switches: Vec<SwitchSite>,
+    pub flag_count_expr: String,
+}
+
+impl RtlContext {
+    /// Builds the context from a resolved configuration.
+    pub fn new(r: &Resolved) -> RtlContext {
+        let m = r.m;
+        let lw = r.lane_width as usize;
+        let per_stage = m / 2;
+        let mut switches = Vec::new();
+        if r.max_pairs > 0 {
+            for stage in 0..r.recon_stages {
+                let bit = recon::stage_bit(m, stage);
+                for index in 0..per_stage {
+                    let (lower, upper) = recon::switch_lanes(bit, index);
+                    switches.push(SwitchSite {
+                        stage,
+                        index,
+                        cmd_lo: 2 * (stage * per_stage + index),
+                        lower_lo: lower * lw,
+                        lower_hi: lower * lw + lw - 1,
+                        upper_lo: upper * lw,
+                        upper_hi: upper * lw + lw - 1,
+                    });
+                }
+            }
+        }
+        let ubr = r.ublocks_per_row() as i64;
+        let cw = index_bits(ubr as u64 + 1) as i64;
+        let flag_count_expr = (0..ubr)
+            .map(|j| zero_extend(&format!("flags_i[{j}]"), 1, cw))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let max_mag = r.int_format.max_magnitude() as u128;
+        let mw = signed_width(max_mag << (r.a - 1)) as i64;
+        let (man_bits, exp_bits, outlier_name) = match r.outlier {
+            Some(f) if r.max_pairs > 0 => (f.man_bits as i64, f.exp_bits as i64, f.kind.name().to_uppercase()),
+            _ => (0, 0, String::new()),
+        };
+        let pcb = r.pair_count_bits as i64;
+        let x = r.offset_bits as i64;
+        let log_m = r.log_m as i64;
+        let pair_lo = pcb + x;
+        let cmd_lo = pair_lo + r.max_pairs as i64 * 2 * log_m;
+        RtlContext {
+            version: VERSION,
+            hash: r.hash.clone(),
+            config_lines: r.to_toml().lines().filter(|l| !l.trim().is_empty()).map(String::from).collect(),
+            rows: r.rows as i64,
+            cols: r.cols as i64,
+            b: r.b as i64,
+            a: r.a as i64,
+            m: m as i64,
+            log_m,
+            ubr,
+            max_pairs: r.max_pairs as i64,
+            stages: r.recon_stages as i64,
+            per_stage: per_stage as i64,
+            cmd_bits: (r.recon_stages * per_stage * 2) as i64,
+            u: r.micro_exp_bits as i64,
+            x,
+            sw: r.shift_bits as i64,
+            mw,
+            pw: r.product_width as i64,
+            lw: lw as i64,
+            acc: r.acc_width as i64,
+            rww: r.row_word_bits as i64,
+            pew: r.pair_entry_bits as i64,
+            pcb,
+            lo_bits: r.lo_bits as i64,
+            hi_bits: r.hi_bits as i64,
+            man_bits,
+            exp_bits,
+            dmax: r.micro_exp_max() as i64,
+            aw: r.config.array.address_bits as i64,
+            cw,
+            meta_bits: r.ublock_meta_bits as i64,
+            meta_flag: i64::from(r.max_pairs > 0),
+            pair_lo,
+            cmd_lo,
+            has_shift: r.max_shift > 0,
+            has_pairs: r.max_pairs > 0,
+            has_micro: r.micro_exp_bits > 0,
+            outlier_name,
+            switches,
+            flag_count_expr,
+        }
+    }
+
+    /// Zero-extends the `from`-bit expression `expr` to `to` bits.
+    pub fn zext(&self, expr: impl Display, from: impl Borrow<i64>, to: impl Borrow<i64>) -> String {
+        zero_extend(&expr.to_string(), *from.borrow(), *to.borrow())
+    }
+
+    /// Sign-extends the `from`-bit signal `name` (a plain name or a part-select) to `to` bits.
+    pub fn sext(&self, name: impl Display, from: impl Borrow<i64>, to: impl Borrow<i64>) -> String {
+        let (from, to) = (*from.borrow(), *to.borrow());
+        let name = name.to_string();
+        assert!(to >= from, "cannot sign-extend {name} from {from} to {to} bits");
+        if to == from {
+            return name;
+        }
+        // The sign bit of a part-select `x[a +: w]` is `x[a + w - 1]`.
+        let sign = match name.split_once(" +: ") {
+            Some((head, _)) => format!("{head} + {}]", from - 1),
+            None => format!("{name}[{}]", from - 1),
+        };
+        format!("{{{{{}{{{sign}}}}}, {name}}}", to - from)
+    }
+}
+
+fn zero_extend(expr: &str, from: i64, to: i64) -> String {
+    assert!(to >= from, "cannot zero-extend {expr} from {from} to {to} bits");
+    if to == from {
+        expr.to_string()
+    } else {
+        format!("{{{}'b0, {expr}}}", to - from)
+    }
+}
+
+/// Parameters of one testbench: memory depths and the layer's counts.
+#[derive(Clone, Debug)]
+pub struct TestbenchParams {
+    pub row_depth: usize,
+    pub pair_depth: usize,
+    pub pair_entries: usize,
+    pub act_depth: usize,
+    pub row_index_bits: u32,
+    pub pair_index_bits: u32,
+    pub act_index_bits: u32,
+    pub tiles: usize,
+    pub k_tiles: usize,
+    pub vectors: usize,
+    pub max_cycles: u64,
+}
+
+macro_rules! rtl_template {
+    ($name:ident, $path:literal) => {
+        #[derive(Template)]
+        #[template(path = $path, escape = "none")]
+        struct $name<'a> {
+            ctx: &'a RtlContext,
+        }
+    };
+}
+
+rtl_template!(PeTemplate, "msq_pe.sv");
+rtl_template!(SwitchTemplate, "msq_recon_switch.sv");
+rtl_template!(ReconTemplate, "msq_recon.sv");
+rtl_template!(DecodeTemplate, "msq_decode.sv");
+rtl_template!(ArrayTemplate, "msq_array.sv");
+rtl_template!(CtrlTemplate, "msq_ctrl.sv");
+rtl_template!(TopTemplate, "msq_top.sv");
+
+#[derive(Template)]
+#[template(path = "msq_tb.sv", escape = "none")]
+struct TestbenchTemplate<'a> {
+    ctx: &'a RtlContext,
+    tb: &'a TestbenchParams,
+}
+
+fn render(name: &str, result: askama::Result<String>) -> GeneratedFile {
+    let text = result.unwrap_or_else(|e| panic!("template {name} failed to render: {e}"));
+    // Collapse the blank lines that template conditionals leave behind.
+    let mut out = String::with_capacity(text.len());
+    let mut blank = 0;
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            blank += 1;
+            if blank > 1 {
+                continue;
+            }
+        } else {
+            blank = 0;
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    GeneratedFile { name: name.to_string(), text: out }
+}
+
+/// Renders the design sources for `r`, in compilation order (top level last).
+pub fn generate_rtl(r: &Resolved) -> Vec<GeneratedFile> {
+    let ctx = RtlContext::new(r);
+    let mut files = vec![render("msq_pe.sv", PeTemplate { ctx: &ctx }.render())];
+    if ctx.has_pairs {
+        files.push(render("msq_recon_switch.sv", SwitchTemplate { ctx: &ctx }.render()));
+        files.push(render("msq_recon.sv", ReconTemplate { ctx: &ctx }.render()));
+    }
+    files.push(render("msq_decode.sv", DecodeTemplate { ctx: &ctx }.render()));
+    files.push(render("msq_array.sv", ArrayTemplate { ctx: &ctx }.render()));
+    files.push(render("msq_ctrl.sv", CtrlTemplate { ctx: &ctx }.render()));
+    files.push(render("msq_top.sv", TopTemplate { ctx: &ctx }.render()));
+    files
+}
+
+/// Renders the testbench for `r` and one layer.
+pub fn generate_testbench(r: &Resolved, tb: &TestbenchParams) -> GeneratedFile {
+    let ctx = RtlContext::new(r);
+    render("msq_tb.sv", TestbenchTemplate { ctx: &ctx, tb }.render())
+}
+
+/// Writes `files` into `dir`, each atomically.
+pub fn write_files(dir: &Path, files: &[GeneratedFile]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for file in files {
+        write_atomically(&dir.join(&file.name), file.text.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! Integer-exact golden model of the generated accelerator.
+//!
+//! It reads the same words as the RTL, decodes them the way the decode logic does, and
+//! predicts every column output and the cycle count. Nothing here uses floating point.
+
+use crate::bits::{sign_extend, BitWord};
+use crate::config::Resolved;
+use crate::image::Image;
+use crate::recon::{self, SwitchOp};
+
+/// Decoded state of one PE: two's-complement weight and left shift.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeState {
+    pub weight: i64,
+    pub shift: u32,
+}
+
+/// Decoded weights of one tile, as the shadow registers hold them after loading.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TileState {
+    /// `[row][col]`.
+    pub pes: Vec<PeState>,
+    /// ReCoN commands, `[row][micro-block]`, each stage-major.
+    pub commands: Vec<Vec<SwitchOp>>,
+    /// Pair entries the tile consumed.
+    pub flagged: usize,
+}
+
+/// Decodes one tile from its row words, taking its pair entries from `pairs` in order.
+///
+/// Panics when the image has fewer pair entries than its flags announce, because that image
+/// does not come from this crate's packer.
+pub fn decode_tile<'a>(r: &Resolved, rows: &[BitWord], pairs: &mut impl Iterator<Item = &'a BitWord>) -> TileState {
+    let b = r.b as usize;
+    let meta = r.ublock_meta_bits as usize;
+    let flag_bits = usize::from(r.max_pairs > 0);
+    let ub_row = r.ublocks_per_row();
+    let switches = r.recon_stages * r.switches_per_stage();
+    let mut tile = TileState {
+        pes: vec![PeState::default(); r.rows * r.cols],
+        commands: vec![vec![SwitchOp::Pass; switches]; r.rows * ub_row],
+        flagged: 0,
+    };
+    for (row, word) in rows.iter().enumerate() {
+        let micro = |j: usize| -> u32 {
+            if r.micro_exp_bits == 0 {
+                0
+            } else {
+                word.get(r.cols * b + j * meta + flag_bits, r.micro_exp_bits as usize) as u32
+            }
+        };
+        for c in 0..r.cols {
+            let code = word.get(c * b, b) as u32;
+            tile.pes[row * r.cols + c] = PeState {
+                weight: r.int_format.decode(code) as i64,
+                shift: r.micro_exp_max() - micro(c / r.m),
+            };
+        }
+        if r.max_pairs == 0 {
+            continue;
+        }
+        for j in 0..ub_row {
+            if word.get(r.cols * b + j * meta, 1) == 0 {
+                continue;
+            }
+            let entry = pairs.next().expect("pair entry for a flagged micro-block");
+            tile.flagged += 1;
+            apply_pair_entry(r, word, j, micro(j), entry, row, &mut tile);
+        }
+    }
+    tile
+}
+
+fn apply_pair_entry(r: &Resolved, word: &BitWord, j: usize, micro: u32, entry: &BitWord, row: usize, tile: &mut TileState) {
+    let fp = r.outlier.expect("pairs need an outlier format");
+    let b = r.b as usize;
+    let pcb = r.pair_count_bits as usize;
+    let x = r.offset_bits as usize;
+    let l = r.log_m as usize;
+    let count = entry.get(0, pcb) as usize;
+    let offset = entry.get(pcb, x) as u32;
+    let base_shift = r.micro_exp_max() - micro + offset;
+    for i in 0..count.min(r.max_pairs) {
+        let lo = pcb + x + i * 2 * l;
+        let o = entry.get(lo, l) as usize;
+        let p = entry.get(lo + l, l) as usize;
+        let slot = |lane: usize| word.get((j * r.m + lane) * b, b) as u32;
+        let code = (slot(o) << r.b) | slot(p);
+        let negative = code >> (2 * r.b - 1) == 1;
+        let exponent = (code >> fp.man_bits) & ((1 << fp.exp_bits) - 1);
+        let mantissa = code & ((1 << fp.man_bits) - 1);
+        let significand = if exponent != 0 { (1 << fp.man_bits) | mantissa } else { mantissa };
+        let lo_shift = base_shift + exponent.max(1) - 1;
+        let sign = if negative { -1 } else { 1 };
+        let hi = (significand >> r.lo_bits) as i64 * sign;
+        let lo_part = (significand & ((1 << r.lo_bits) - 1)) as i64 * sign;
+        tile.pes[row * r.cols + j * r.m + o] = PeState { weight: hi, shift: lo_shift + r.lo_bits };
+        tile.pes[row * r.cols + j * r.m + p] = PeState { weight: lo_part, shift: lo_shift };
+    }
+    let cmd_lo = pcb + x + r.max_pairs * 2 * l;
+    let switches = r.recon_stages * r.switches_per_stage();
+    tile.commands[row * r.ublocks_per_row() + j] =
+        (0..switches).map(|s| SwitchOp::from_bits(entry.get(cmd_lo + 2 * s, 2) as u8)).collect();
+}
+
+/// Column sums of one tile for one activation vector (`acts[row]`).
+pub fn tile_output(r: &Resolved, tile: &TileState, acts: &[i64]) -> Vec<i128> {
+    let mut sums = vec![0i128; r.cols];
+    let mut lanes = vec![0i128; r.m];
+    for row in 0..r.rows {
+        for j in 0..r.ublocks_per_row() {
+            for (lane, value) in lanes.iter_mut().enumerate() {
+                let pe = tile.pes[row * r.cols + j * r.m + lane];
+                *value = (pe.weight as i128 * acts[row] as i128) << pe.shift;
+            }
+            if r.max_pairs > 0 {
+                recon::apply(&tile.commands[row * r.ublocks_per_row() + j], &mut lanes, 0, |a, b| a + b);
+            }
+            for (lane, value) in lanes.iter().enumerate() {
+                sums[j * r.m + lane] += value;
+            }
+        }
+    }
+    sums
+}
+
+/// Predicted outputs and cycle count of one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// `outputs[t * vectors + v][c]`: column sums of tile t for vector v.
+    pub outputs: Vec<Vec<i128>>,
+    pub cycles: u64,
+    /// Pair entries per tile.
+    pub flagged_per_tile: Vec<usize>,
+}
+
+/// Runs the golden model on an image.
+pub fn predict(r: &Resolved, image: &Image) -> Prediction {
+    let tiles = image.tiles();
+    let mut pairs = image.pair_words.iter();
+    let mut outputs = Vec::with_capacity(tiles * image.vectors);
+    let mut flagged_per_tile = Vec::with_capacity(tiles);
+    for t in 0..tiles {
+        let tile = decode_tile(r, &image.row_words[t * r.rows..(t + 1) * r.rows], &mut pairs);
+        flagged_per_tile.push(tile.flagged);
+        let kt = t % image.k_tiles;
+        for v in 0..image.vectors {
+            let word = &image.act_words[kt * image.vectors + v];
+            let acts: Vec<i64> = (0..r.rows)
+                .map(|row| sign_extend(word.get(row * r.a as usize, r.a as usize) as u128, r.a) as i64)
+                .collect();
+            outputs.push(tile_output(r, &tile, &acts));
+        }
+    }
+    let cycles = predict_cycles(r.rows as u64, image.vectors as u64, &flagged_per_tile);
+    Prediction { outputs, cycles, flagged_per_tile }
+}
+
+/// Cycle count of the controller from the start pulse (cycle 0) to the first cycle with
+/// `done_o` high.
+///
+/// Tile 0's load starts reading in cycle 2 and tile t's in the cycle after tile t-1 started
+/// computing. A load reads one word per cycle: R row words plus F_t pair entries, and the
+/// tile is ready two cycles after its last read. A tile starts computing when it is ready and
+/// the previous tile has issued its V vectors. The last vector leaves the array R + 1 cycles
+/// after it was read, and `done_o` rises one cycle later.
+pub fn predict_cycles(rows: u64, vectors: u64, flagged_per_tile: &[usize]) -> u64 {
+    let Some((&first, rest)) = flagged_per_tile.split_first() else {
+        return 1;
+    };
+    let mut start = rows + first as u64 + 3;
+    for &flagged in rest {
+        start = (start + vectors).max(start + rows + flagged as u64 + 2);
+    }
+    start + vectors + rows + 2
+}
+
+/// Exact value of a tile column sum: `sum * 2^exponent`, where the exponent comes from the
+/// macro-block's base exponent `base`.
+pub fn output_exponent(r: &Resolved, base: i32) -> i32 {
+    r.column_exponent(base)
+}
+
+/// Dequantizes a weight image through the decode path: the weight of input channel k and
+/// output channel n is the tile's column-n output for a unit activation on k, scaled by the
+/// tile column's exponent. Returns `[n_pad][k_pad]`.
+pub fn dequantize(r: &Resolved, image: &Image, bases: &[crate::formats::E8m0]) -> Vec<f64> {
+    let n_pad = image.n_tiles * r.cols;
+    let k_pad = image.k_tiles * r.rows;
+    let ub_per_k = n_pad / r.m;
+    let mut out = vec![0.0; n_pad * k_pad];
+    let mut pairs = image.pair_words.iter();
+    for nt in 0..image.n_tiles {
+        for kt in 0..image.k_tiles {
+            let t = nt * image.k_tiles + kt;
+            let tile = decode_tile(r, &image.row_words[t * r.rows..(t + 1) * r.rows], &mut pairs);
+            for row in 0..r.rows {
+                let mut unit = vec![0i64; r.rows];
+                unit[row] = 1;
+                let sums = tile_output(r, &tile, &unit);
+                let k = kt * r.rows + row;
+                for (c, &sum) in sums.iter().enumerate() {
+                    let n = nt * r.cols + c;
+                    let base = bases[(k / r.mab_rows) * ub_per_k + n / r.m];
+                    let exp = output_exponent(r, base.exponent().expect("finite base"));
+                    out[n * k_pad + k] = sum as f64 * crate::formats::pow2(exp);
+                }
+            }
+        }
+    }
+    out
+}

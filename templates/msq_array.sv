@@ -1,0 +1,165 @@
+{% include "header.sv" %}
+// Weight-stationary PE array of {= ctx.rows =} rows (input channels) by {= ctx.cols =} columns (output channels).
+//
+// Each row's activation is broadcast to all its PEs, so the products of one row are ready in
+// the same cycle and ReCoN can merge them. Row r sees its activation r cycles after row 0, and
+// partial sums move down one row per cycle, so a column's sum for one activation vector leaves
+// the last row {= ctx.rows + 1 =} cycles after the vector entered. The tile-start pulse follows the same
+// skew, so each row switches to the next tile's weights exactly when that tile's first vector
+// reaches it.
+module msq_array (
+  input  logic                 clk_i,            // clock
+  input  logic                 rst_ni,           // asynchronous reset, active low
+  input  logic                 swap_i,           // first vector of a new tile: make shadow weights active
+  input  logic                 act_valid_i,      // act_i holds an activation vector
+  input  logic [{= ctx.rows * ctx.a - 1 =}:0]   act_i,            // element r at [r*{= ctx.a =} +: {= ctx.a =}], two's complement
+  input  logic                 row_load_i,       // write the inlier decode into row_sel_i's shadow registers
+  input  logic [{= ctx.rows - 1 =}:0]   row_sel_i,        // one-hot PE row being loaded
+  input  logic [{= ctx.cols * ctx.b - 1 =}:0]   inlier_weight_i,  // weights of the row
+{% if ctx.has_shift %}  input  logic [{= ctx.cols * ctx.sw - 1 =}:0]   inlier_shift_i,   // shifts of the row
+{% endif %}{% if ctx.has_pairs %}  input  logic                 pair_load_i,      // write the pair decode into one micro-block
+  input  logic [{= ctx.ubr - 1 =}:0]   ublock_sel_i,     // one-hot micro-block of that row
+  input  logic [{= ctx.m - 1 =}:0]   pair_we_i,        // lanes written by the pair decode
+  input  logic [{= ctx.m * ctx.b - 1 =}:0]   pair_weight_i,    // lane weights
+  input  logic [{= ctx.m * ctx.sw - 1 =}:0]   pair_shift_i,     // lane shifts
+  input  logic [{= ctx.cmd_bits - 1 =}:0]   pair_cmd_i,       // ReCoN commands of the micro-block
+{% endif %}  output logic                 out_valid_o,      // out_psum_o holds one vector's column sums
+  output logic [{= ctx.cols * ctx.acc - 1 =}:0]   out_psum_o        // column c at [c*{= ctx.acc =} +: {= ctx.acc =}], two's complement
+);
+
+  // Partial sums of every row, row r at [r*{= ctx.cols * ctx.acc =} +: {= ctx.cols * ctx.acc =}].
+  logic [{= ctx.rows * ctx.cols * ctx.acc - 1 =}:0] psum_q;
+  // Tile-start pulse as each row sees it, and the valid flag of each row's activation register.
+  logic [{= ctx.rows - 1 =}:0] swap_row;
+  logic [{= ctx.rows - 1 =}:0] valid_row_q;
+
+  for (genvar r = 0; r < {= ctx.rows =}; r++) begin : g_row
+    logic signed [{= ctx.a - 1 =}:0] act_q;
+
+    if (r == 0) begin : g_first
+      assign swap_row[0] = swap_i;
+      always_ff @(posedge clk_i or negedge rst_ni) begin
+        if (!rst_ni) begin
+          act_q          <= '0;
+          valid_row_q[0] <= 1'b0;
+        end else begin
+          act_q          <= act_i[{= ctx.a - 1 =}:0];
+          valid_row_q[0] <= act_valid_i;
+        end
+      end
+    end else begin : g_skewed
+      // r delay registers in front of act_q give row r its r-cycle skew; the newest element
+      // enters at the bottom.
+      logic [r*{= ctx.a =}-1:0] delay_q;
+      logic swap_q;
+      assign swap_row[r] = swap_q;
+      if (r == 1) begin : g_one
+        always_ff @(posedge clk_i or negedge rst_ni) begin
+          if (!rst_ni) delay_q <= '0;
+          else         delay_q <= act_i[r*{= ctx.a =} +: {= ctx.a =}];
+        end
+      end else begin : g_chain
+        always_ff @(posedge clk_i or negedge rst_ni) begin
+          if (!rst_ni) delay_q <= '0;
+          else         delay_q <= {delay_q[(r-1)*{= ctx.a =}-1:0], act_i[r*{= ctx.a =} +: {= ctx.a =}]};
+        end
+      end
+      always_ff @(posedge clk_i or negedge rst_ni) begin
+        if (!rst_ni) begin
+          act_q          <= '0;
+          swap_q         <= 1'b0;
+          valid_row_q[r] <= 1'b0;
+        end else begin
+          act_q          <= delay_q[r*{= ctx.a =}-1 -: {= ctx.a =}];
+          swap_q         <= swap_row[r-1];
+          valid_row_q[r] <= valid_row_q[r-1];
+        end
+      end
+    end
+
+    // Products of the row, and the lanes that reach the column adders.
+    logic [{= ctx.cols * ctx.lw - 1 =}:0] lane_in;
+    logic [{= ctx.cols * ctx.lw - 1 =}:0] lane_out;
+    for (genvar c = 0; c < {= ctx.cols =}; c++) begin : g_col
+      logic load;
+      logic signed [{= ctx.b - 1 =}:0] weight;
+{% if ctx.has_shift %}      logic [{= ctx.sw - 1 =}:0] shift;
+{% endif %}      logic signed [{= ctx.pw - 1 =}:0] prod;
+{% if ctx.has_pairs %}
+      assign load   = row_sel_i[r] && (row_load_i || (pair_load_i && ublock_sel_i[c / {= ctx.m =}] && pair_we_i[c % {= ctx.m =}]));
+      assign weight = row_load_i ? inlier_weight_i[c*{= ctx.b =} +: {= ctx.b =}] : pair_weight_i[(c % {= ctx.m =})*{= ctx.b =} +: {= ctx.b =}];
+      assign shift  = row_load_i ? inlier_shift_i[c*{= ctx.sw =} +: {= ctx.sw =}] : pair_shift_i[(c % {= ctx.m =})*{= ctx.sw =} +: {= ctx.sw =}];
+{% else %}
+      assign load   = row_sel_i[r] && row_load_i;
+      assign weight = inlier_weight_i[c*{= ctx.b =} +: {= ctx.b =}];
+{% if ctx.has_shift %}      assign shift  = inlier_shift_i[c*{= ctx.sw =} +: {= ctx.sw =}];
+{% endif %}{% endif %}
+      msq_pe u_pe (
+        .clk_i    (clk_i),
+        .rst_ni   (rst_ni),
+        .load_i   (load),
+        .weight_i (weight),
+{% if ctx.has_shift %}        .shift_i  (shift),
+{% endif %}        .swap_i   (swap_row[r]),
+        .act_i    (act_q),
+        .prod_o   (prod)
+      );
+      assign lane_in[c*{= ctx.lw =} +: {= ctx.lw =}] = {= ctx.sext("prod", ctx.pw, ctx.lw) =};
+
+      // Column adder: the partial sum from the row above plus this row's merged product.
+      logic signed [{= ctx.acc - 1 =}:0] addend;
+      assign addend = {= ctx.sext("lane_out[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.acc) =};
+      if (r == 0) begin : g_top
+        always_ff @(posedge clk_i or negedge rst_ni) begin
+          if (!rst_ni) psum_q[c*{= ctx.acc =} +: {= ctx.acc =}] <= '0;
+          else         psum_q[c*{= ctx.acc =} +: {= ctx.acc =}] <= addend;
+        end
+      end else begin : g_below
+        always_ff @(posedge clk_i or negedge rst_ni) begin
+          if (!rst_ni) psum_q[(r*{= ctx.cols =}+c)*{= ctx.acc =} +: {= ctx.acc =}] <= '0;
+          else         psum_q[(r*{= ctx.cols =}+c)*{= ctx.acc =} +: {= ctx.acc =}] <=
+                           psum_q[((r-1)*{= ctx.cols =}+c)*{= ctx.acc =} +: {= ctx.acc =}] + addend;
+        end
+      end
+    end
+{% if ctx.has_pairs %}
+    // One ReCoN per micro-block, with double-buffered commands like the weights.
+    for (genvar j = 0; j < {= ctx.ubr =}; j++) begin : g_recon
+      logic [{= ctx.cmd_bits - 1 =}:0] cmd_shadow_q, cmd_q;
+      always_ff @(posedge clk_i or negedge rst_ni) begin
+        if (!rst_ni) begin
+          cmd_shadow_q <= '0;
+          cmd_q        <= '0;
+        end else begin
+          // A new row starts with every switch passing; its pair entries then set the commands.
+          if (row_sel_i[r] && row_load_i) begin
+            cmd_shadow_q <= '0;
+          end else if (row_sel_i[r] && pair_load_i && ublock_sel_i[j]) begin
+            cmd_shadow_q <= pair_cmd_i;
+          end
+          if (swap_row[r]) begin
+            cmd_q <= cmd_shadow_q;
+          end
+        end
+      end
+      msq_recon u_recon (
+        .cmd_i   (cmd_q),
+        .lanes_i (lane_in[j*{= ctx.m * ctx.lw =} +: {= ctx.m * ctx.lw =}]),
+        .lanes_o (lane_out[j*{= ctx.m * ctx.lw =} +: {= ctx.m * ctx.lw =}])
+      );
+    end
+{% else %}
+    // Without outlier pairs there is nothing to merge.
+    assign lane_out = lane_in;
+{% endif %}  end
+
+  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      out_valid_o <= 1'b0;
+    end else begin
+      out_valid_o <= valid_row_q[{= ctx.rows - 1 =}];
+    end
+  end
+  assign out_psum_o = psum_q[{= (ctx.rows - 1) * ctx.cols * ctx.acc =} +: {= ctx.cols * ctx.acc =}];
+
+endmodule

@@ -1,0 +1,231 @@
+{% include "header.sv" %}
+// Controller: loads tile t+1 into the shadow registers while tile t computes, streams the
+// activation vectors, and counts the outputs.
+//
+// Memories are read with one cycle of latency: each address output is a register that points
+// at the next word to read, and the word arrives in the following cycle.
+//
+// Load schedule of one tile: every cycle issues one read. A row word read is followed, when
+// the row holds F flagged micro-blocks, by F pair-entry reads, so a tile takes {= ctx.rows =} + F cycles of
+// reads plus one cycle for the last word. The tile becomes ready the cycle after its last word.
+// Compute schedule: a ready tile starts when the previous one has issued all of its vectors;
+// the load of the next tile starts in the same cycle.
+module msq_ctrl (
+  input  logic                 clk_i,          // clock
+  input  logic                 rst_ni,         // asynchronous reset, active low
+  input  logic                 start_i,        // pulse: start a layer with the counts below
+  input  logic [{= ctx.aw - 1 =}:0]   tiles_i,        // tiles in the layer (column tiles x row tiles), at least 1
+  input  logic [{= ctx.aw - 1 =}:0]   k_tiles_i,      // tiles along the input channels, at least 1
+  input  logic [{= ctx.aw - 1 =}:0]   vectors_i,      // activation vectors per tile, at least 1
+  output logic [{= ctx.aw - 1 =}:0]   row_addr_o,     // row-word memory address
+{% if ctx.has_pairs %}  input  logic [{= ctx.cols * ctx.b - 1 =}:0]   row_slots_i,    // slots of the row word read in the previous cycle
+{% if ctx.has_micro %}  input  logic [{= ctx.ubr * ctx.u - 1 =}:0]   row_micro_i,    // micro-exponents of that row word
+{% endif %}  output logic [{= ctx.aw - 1 =}:0]   pair_addr_o,    // pair-entry memory address
+  input  logic [{= ctx.ubr - 1 =}:0]   flags_i,        // flagged micro-blocks of row_word_i (from the decode)
+{% endif %}  output logic [{= ctx.aw - 1 =}:0]   act_addr_o,     // activation memory address
+  output logic                 row_load_o,     // row_word_i belongs to the PE row in row_sel_o
+  output logic [{= ctx.rows - 1 =}:0]   row_sel_o,      // one-hot PE row being loaded
+{% if ctx.has_pairs %}  output logic                 pair_load_o,    // the pair entry read in the previous cycle is valid
+  output logic [{= ctx.ubr - 1 =}:0]   ublock_sel_o,   // one-hot micro-block that the pair entry belongs to
+  output logic [{= ctx.cols * ctx.b - 1 =}:0]   buf_slots_o,    // slots of the row whose pair entries arrive
+{% if ctx.has_micro %}  output logic [{= ctx.ubr * ctx.u - 1 =}:0]   buf_micro_o,    // micro-exponents of that row
+{% endif %}{% endif %}  output logic                 swap_o,         // the activation word read now starts a new tile
+  output logic                 act_valid_o,    // the activation word read in the previous cycle is valid
+  input  logic                 out_valid_i,    // the array emits one vector's column sums
+  output logic                 done_o          // every output of the layer has been emitted
+);
+
+  logic busy_q;
+
+  // ------------------------------------------------------------------ load engine
+  logic load_active_q;                // a tile is being read into the shadow registers
+  logic [{= ctx.aw - 1 =}:0] load_tiles_q;   // tiles whose load has started
+  logic [{= ctx.rows - 1 =}:0] next_row_q;      // one-hot row to read next; zero once every row is read
+  logic [{= ctx.rows - 1 =}:0] row_sel_q;       // one-hot row of the word in flight
+  logic row_pending_q;                // a row word arrives this cycle
+  logic full_q;                       // the shadow registers hold a complete tile
+  logic [{= ctx.aw - 1 =}:0] row_addr_q;
+  logic issue_row, last_word, load_start, swap;
+{% if ctx.has_pairs %}  logic pair_pending_q;               // a pair entry arrives this cycle
+  logic [{= ctx.cw - 1 =}:0] pairs_todo_q;    // pair reads still to issue for the current row
+  logic [{= ctx.ubr - 1 =}:0] flags_q;        // flagged micro-blocks whose entries have not arrived
+  logic [{= ctx.aw - 1 =}:0] pair_addr_q;
+  logic [{= ctx.cols * ctx.b - 1 =}:0] buf_slots_q;
+{% if ctx.has_micro %}  logic [{= ctx.ubr * ctx.u - 1 =}:0] buf_micro_q;
+{% endif %}  logic [{= ctx.cw - 1 =}:0] flag_count;
+  logic issue_pair;
+  logic [{= ctx.cw - 1 =}:0] pairs_todo_d;
+
+  assign flag_count = {= ctx.flag_count_expr =};
+
+  always_comb begin
+    issue_pair   = 1'b0;
+    pairs_todo_d = pairs_todo_q;
+    if (row_pending_q && flag_count != '0) begin
+      issue_pair   = 1'b1;
+      pairs_todo_d = flag_count - 1'b1;
+    end else if (pairs_todo_q != '0) begin
+      issue_pair   = 1'b1;
+      pairs_todo_d = pairs_todo_q - 1'b1;
+    end
+  end
+  assign issue_row = load_active_q && next_row_q != '0 && !issue_pair;
+  assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair;
+{% else %}
+  assign issue_row = load_active_q && next_row_q != '0;
+  assign last_word = row_pending_q && !issue_row;
+{% endif %}
+  assign load_start = busy_q && !load_active_q && (!full_q || swap) && load_tiles_q != tiles_i;
+
+  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      load_active_q <= 1'b0;
+      load_tiles_q  <= '0;
+      next_row_q    <= '0;
+      row_sel_q     <= '0;
+      row_pending_q <= 1'b0;
+      full_q        <= 1'b0;
+      row_addr_q    <= '0;
+{% if ctx.has_pairs %}      pair_pending_q <= 1'b0;
+      pairs_todo_q   <= '0;
+      flags_q        <= '0;
+      pair_addr_q    <= '0;
+      buf_slots_q    <= '0;
+{% if ctx.has_micro %}      buf_micro_q    <= '0;
+{% endif %}{% endif %}    end else if (start_i) begin
+      load_active_q <= 1'b0;
+      load_tiles_q  <= '0;
+      next_row_q    <= '0;
+      row_pending_q <= 1'b0;
+      full_q        <= 1'b0;
+      row_addr_q    <= '0;
+{% if ctx.has_pairs %}      pair_pending_q <= 1'b0;
+      pairs_todo_q   <= '0;
+      pair_addr_q    <= '0;
+{% endif %}    end else begin
+      if (load_start) begin
+        load_active_q <= 1'b1;
+        load_tiles_q  <= load_tiles_q + 1'b1;
+        next_row_q    <= {= ctx.rows =}'d1;
+      end
+      row_pending_q <= issue_row;
+      if (issue_row) begin
+        row_addr_q <= row_addr_q + 1'b1;
+        row_sel_q  <= next_row_q;
+        next_row_q <= next_row_q << 1;
+      end
+{% if ctx.has_pairs %}      pair_pending_q <= issue_pair;
+      pairs_todo_q   <= pairs_todo_d;
+      if (issue_pair) begin
+        pair_addr_q <= pair_addr_q + 1'b1;
+      end
+      if (row_pending_q) begin
+        flags_q     <= flags_i;
+        buf_slots_q <= row_slots_i;
+{% if ctx.has_micro %}        buf_micro_q <= row_micro_i;
+{% endif %}      end else if (pair_pending_q) begin
+        // The entry just written belongs to the lowest flagged micro-block.
+        flags_q <= flags_q & (flags_q - 1'b1);
+      end
+{% endif %}      if (last_word) begin
+        load_active_q <= 1'b0;
+        full_q        <= 1'b1;
+      end else if (swap) begin
+        full_q <= 1'b0;
+      end
+    end
+  end
+
+  assign row_addr_o = row_addr_q;
+  assign row_load_o = row_pending_q;
+  assign row_sel_o  = row_sel_q;
+{% if ctx.has_pairs %}  assign pair_addr_o  = pair_addr_q;
+  assign pair_load_o  = pair_pending_q;
+  assign ublock_sel_o = flags_q & (~flags_q + 1'b1);
+  assign buf_slots_o  = buf_slots_q;
+{% if ctx.has_micro %}  assign buf_micro_o  = buf_micro_q;
+{% endif %}{% else %}
+  // Without outlier pairs only the slots and micro-exponents of a row word reach the decode.
+{% endif %}
+  // --------------------------------------------------------------- compute engine
+  logic [{= ctx.aw - 1 =}:0] vectors_left_q;  // vectors of the current tile still to issue
+  logic [{= ctx.aw - 1 =}:0] act_addr_q;      // next activation word
+  logic [{= ctx.aw - 1 =}:0] act_base_q;      // first activation word of the current row tile
+  logic [{= ctx.aw - 1 =}:0] k_tile_q;        // row tile of the tile being computed
+  logic act_issue, last_vector;
+  logic swap_q, act_valid_q;
+
+  assign swap        = busy_q && full_q && vectors_left_q == '0;
+  assign act_issue   = swap || vectors_left_q != '0;
+  assign last_vector = swap ? vectors_i == {= ctx.aw =}'d1 : vectors_left_q == {= ctx.aw =}'d1;
+
+  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      vectors_left_q <= '0;
+      act_addr_q     <= '0;
+      act_base_q     <= '0;
+      k_tile_q       <= '0;
+      swap_q         <= 1'b0;
+      act_valid_q    <= 1'b0;
+    end else if (start_i) begin
+      vectors_left_q <= '0;
+      act_addr_q     <= '0;
+      act_base_q     <= '0;
+      k_tile_q       <= '0;
+      swap_q         <= 1'b0;
+      act_valid_q    <= 1'b0;
+    end else begin
+      swap_q      <= swap;
+      act_valid_q <= act_issue;
+      if (swap) begin
+        vectors_left_q <= vectors_i - 1'b1;
+      end else if (act_issue) begin
+        vectors_left_q <= vectors_left_q - 1'b1;
+      end
+      if (act_issue && last_vector) begin
+        // Tiles run along the input channels first, so the activations wrap after k_tiles_i.
+        if (k_tile_q == k_tiles_i - 1'b1) begin
+          k_tile_q   <= '0;
+          act_base_q <= '0;
+          act_addr_q <= '0;
+        end else begin
+          k_tile_q   <= k_tile_q + 1'b1;
+          act_base_q <= act_base_q + vectors_i;
+          act_addr_q <= act_base_q + vectors_i;
+        end
+      end else if (act_issue) begin
+        act_addr_q <= act_addr_q + 1'b1;
+      end
+    end
+  end
+
+  assign act_addr_o  = act_addr_q;
+  assign swap_o      = swap_q;
+  assign act_valid_o = act_valid_q;
+
+  // ------------------------------------------------------------------- output count
+  logic [{= ctx.aw - 1 =}:0] out_vector_q;    // vector index of the next output within its tile
+  logic [{= ctx.aw - 1 =}:0] out_tiles_q;     // tiles whose outputs are complete
+
+  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      busy_q       <= 1'b0;
+      out_vector_q <= '0;
+      out_tiles_q  <= '0;
+    end else if (start_i) begin
+      busy_q       <= 1'b1;
+      out_vector_q <= '0;
+      out_tiles_q  <= '0;
+    end else if (out_valid_i) begin
+      if (out_vector_q == vectors_i - 1'b1) begin
+        out_vector_q <= '0;
+        out_tiles_q  <= out_tiles_q + 1'b1;
+      end else begin
+        out_vector_q <= out_vector_q + 1'b1;
+      end
+    end
+  end
+
+  assign done_o = busy_q && out_tiles_q == tiles_i;
+
+endmodule
