@@ -256,6 +256,37 @@ struct TestbenchTemplate<'a> {
     tb: &'a TestbenchParams,
 }
 
+#[derive(Template)]
+#[template(path = "msq_top.xdc", escape = "none")]
+struct XdcTemplate<'a> {
+    version: &'a str,
+    hash: &'a str,
+    mhz: String,
+    period_ns: String,
+}
+
+#[derive(Template)]
+#[template(path = "msq_top.sdc", escape = "none")]
+struct SdcTemplate<'a> {
+    version: &'a str,
+    hash: &'a str,
+    mhz: String,
+    period_ns: String,
+}
+
+/// Renders the clock constraints (XDC and SDC) for a clock of `mhz` MHz.
+pub fn generate_constraints(r: &Resolved, mhz: f64) -> Vec<GeneratedFile> {
+    let mhz_text = format!("{mhz}");
+    let period = format!("{:.3}", 1000.0 / mhz);
+    vec![
+        render(
+            "msq_top.xdc",
+            XdcTemplate { version: VERSION, hash: &r.hash, mhz: mhz_text.clone(), period_ns: period.clone() }.render(),
+        ),
+        render("msq_top.sdc", SdcTemplate { version: VERSION, hash: &r.hash, mhz: mhz_text, period_ns: period }.render()),
+    ]
+}
+
 fn render(name: &str, result: askama::Result<String>) -> GeneratedFile {
     let text = result.unwrap_or_else(|e| panic!("template {name} failed to render: {e}"));
     // Collapse the blank lines that template conditionals leave behind.

@@ -189,3 +189,46 @@ pub fn write_hex_files(dir: &Path, image: &Image) -> std::io::Result<()> {
     write_atomically(&dir.join("acts.hex"), to_hex_lines(&image.act_words).as_bytes())?;
     Ok(())
 }
+
+/// Fills a temporary folder next to `target` with `fill`, then renames it to `target`,
+/// replacing an older folder of that name only after the new one is complete.
+pub fn write_dir_atomically(target: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent)?;
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.partial-")).tempdir_in(parent)?;
+    fill(tmp.path())?;
+    let staged = tmp.keep();
+    if target.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        fs::rename(target, &old)?;
+        if let Err(e) = fs::rename(&staged, target) {
+            let _ = fs::rename(&old, target);
+            return Err(e);
+        }
+        fs::remove_dir_all(&old)?;
+    } else {
+        fs::rename(&staged, target)?;
+    }
+    Ok(())
+}
+
+/// Formats golden outputs (`outputs[t * vectors + v][c]`) as `$readmemh` lines of
+/// `cols * acc_width` bits.
+pub fn expected_hex(outputs: &[Vec<i128>], r: &Resolved) -> String {
+    let acc = r.acc_width as usize;
+    let mut text = String::new();
+    for row in outputs {
+        let mut word = BitWord::zero(r.cols * acc);
+        for (c, &value) in row.iter().enumerate() {
+            let bits = (value as u128) & (u128::MAX >> (128 - acc));
+            word.set(c * acc, acc.min(64), (bits & u64::MAX as u128) as u64);
+            if acc > 64 {
+                word.set(c * acc + 64, acc - 64, (bits >> 64) as u64);
+            }
+        }
+        text.push_str(&word.to_hex());
+        text.push('\n');
+    }
+    text
+}

@@ -1,0 +1,504 @@
+//! Command-line interface: argument parsing and the output of each command.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::config::{Config, Overrides, Resolved};
+use crate::flow::{self, RunOptions};
+use crate::formats::Rounding;
+use crate::generator;
+use crate::golden;
+use crate::image;
+use crate::quantizer;
+use crate::simulation;
+use crate::weights::{self, Layout, Matrix};
+
+/// The tensor `make run` uses when none is given: MiniLM's first FFN output projection,
+/// which holds the 7.9148 outlier at [99, 856].
+pub const DEFAULT_TENSOR: &str = "encoder.layer.0.output.dense.weight";
+
+/// MicroScopiQ: outlier-aware microscaling quantizer, RTL generator and golden model.
+#[derive(Parser, Debug)]
+#[command(name = "microscopiq", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Quantize one tensor and write its memory image, dequantized weights and manifest.
+    Quantize(QuantizeArgs),
+    /// Generate the accelerator's Verilog for a configuration.
+    Generate(GenerateArgs),
+    /// Simulate an image written by `quantize` with Verilator and compare with the golden model.
+    Simulate(SimulateArgs),
+    /// Quantize, check, generate, simulate and compare in one go.
+    Run(RunArgs),
+    /// Run `verilator --lint-only -Wall` on the generated Verilog.
+    Lint(ConfigArgs),
+}
+
+/// Configuration file and overrides shared by every command.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// TOML configuration; the embedded default (16x16, b = 2, A = 8, M = 8) when absent.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PE rows (input channels per tile).
+    #[arg(long)]
+    pub rows: Option<u32>,
+    /// PE columns (output channels per tile).
+    #[arg(long)]
+    pub cols: Option<u32>,
+    /// Inlier bits b.
+    #[arg(long)]
+    pub weight_bits: Option<u32>,
+    /// Activation bits A.
+    #[arg(long)]
+    pub act_bits: Option<u32>,
+    /// Micro-block size M (output channels sharing a micro-exponent).
+    #[arg(long)]
+    pub ublock: Option<u32>,
+    /// Maximum outlier pairs per micro-block (at most M/2).
+    #[arg(long)]
+    pub max_pairs: Option<u32>,
+    /// Outlier threshold in standard deviations.
+    #[arg(long)]
+    pub k_sigma: Option<f64>,
+    /// Rounding rule of every encoder.
+    #[arg(long, value_enum)]
+    pub rounding: Option<RoundingArg>,
+}
+
+/// Rounding rule names on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RoundingArg {
+    NearestEven,
+    NearestAway,
+}
+
+impl ConfigArgs {
+    /// Reads, overrides and validates the configuration.
+    pub fn resolve(&self) -> Result<Resolved, String> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+            None => Config::default_config(),
+        };
+        config.apply(&Overrides {
+            rows: self.rows,
+            cols: self.cols,
+            weight_bits: self.weight_bits,
+            act_bits: self.act_bits,
+            ublock: self.ublock,
+            max_pairs: self.max_pairs,
+            k_sigma: self.k_sigma,
+            rounding: self.rounding.map(|r| match r {
+                RoundingArg::NearestEven => Rounding::NearestEven,
+                RoundingArg::NearestAway => Rounding::NearestAway,
+            }),
+        });
+        config.resolve().map_err(|e| e.to_string())
+    }
+}
+
+/// Which tensor to read.
+#[derive(Args, Debug, Clone)]
+pub struct TensorArgs {
+    /// safetensors file; defaults to the fetched MiniLM model.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Tensor name.
+    #[arg(long, default_value = DEFAULT_TENSOR)]
+    pub tensor: String,
+    /// Storage layout of the tensor: out-in (PyTorch nn.Linear) or in-out (x @ W).
+    #[arg(long, value_enum, default_value = "out-in")]
+    pub layout: LayoutArg,
+}
+
+/// Layout names on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LayoutArg {
+    OutIn,
+    InOut,
+}
+
+impl TensorArgs {
+    fn load(&self) -> Result<Matrix, String> {
+        let path = self.weights.clone().unwrap_or_else(default_weights);
+        let layout = match self.layout {
+            LayoutArg::OutIn => Layout::OutIn,
+            LayoutArg::InOut => Layout::InOut,
+        };
+        weights::load_matrix(&path, &self.tensor, layout).map_err(|e| e.to_string())
+    }
+}
+
+/// The fetched MiniLM safetensors file.
+pub fn default_weights() -> PathBuf {
+    weights::models_dir().join("all-MiniLM-L6-v2").join("model.safetensors")
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub tensor: TensorArgs,
+    /// Output folder, replaced as a whole when the run succeeds.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Activation vectors written with the image, for simulation.
+    #[arg(long, default_value_t = 32)]
+    pub vectors: usize,
+    /// Seed of the activation vectors.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Output folder for the Verilog files.
+    #[arg(long, value_name = "DIR", required_unless_present = "print_config")]
+    pub out: Option<PathBuf>,
+    /// Print the fully resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Clock frequency in MHz written into the XDC and SDC constraints.
+    #[arg(long, default_value_t = 100.0)]
+    pub clock_mhz: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// Image folder written by `quantize`.
+    #[arg(long, value_name = "DIR")]
+    pub image: PathBuf,
+    /// Keep the Verilator build and run files here.
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+    /// Print the comparison as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub tensor: TensorArgs,
+    /// Activation vectors per tile (seeded INT-A values).
+    #[arg(long, default_value_t = 32)]
+    pub vectors: usize,
+    /// Seed of the activation vectors.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Keep the Verilator build and run files here (they are kept anyway on a mismatch).
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn main_with(cli: Cli) -> Result<i32, String> {
+    match cli.command {
+        Command::Quantize(args) => quantize(args),
+        Command::Generate(args) => generate(args),
+        Command::Simulate(args) => simulate(args),
+        Command::Run(args) => run(args),
+        Command::Lint(args) => lint(args),
+    }
+}
+
+fn spinner(json: bool) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// Manifest written next to an image.
+#[derive(Serialize)]
+struct Manifest {
+    format_version: u32,
+    generator_version: &'static str,
+    config_hash: String,
+    rounding: &'static str,
+    tensor: String,
+    shape: [usize; 2],
+    padded_shape: [usize; 2],
+    tiles: [usize; 2],
+    vectors: usize,
+    seed: u64,
+    row_word_bits: u32,
+    pair_entry_bits: u32,
+    acc_width: u32,
+    ebw: f64,
+    weight_image_bits: u64,
+    cycles_predicted: u64,
+    stats: quantizer::LayerStats,
+    files: Vec<&'static str>,
+}
+
+fn quantize(args: QuantizeArgs) -> Result<i32, String> {
+    let r = args.config.resolve()?;
+    let weights = args.tensor.load()?;
+    if args.vectors == 0 {
+        return Err("invalid --vectors 0: at least one activation vector is needed".into());
+    }
+    let bar = spinner(args.json);
+    bar.set_message(format!("quantizing {} [{} x {}]", weights.name, weights.rows, weights.cols));
+    let layer = quantizer::quantize(&weights, &r);
+    let vectors = flow::random_activations(args.vectors, layer.k_pad, r.a, args.seed);
+    let image = image::build(&layer, &r, &vectors);
+    bar.set_message("checking the image and running the golden model");
+    flow::check_image_dequantization(&layer, &r, &image)?;
+    let prediction = golden::predict(&r, &image);
+    let mut files = vec!["config.toml", "rows.hex", "acts.hex", "bases.hex", "expected.hex", "dequant.safetensors", "manifest.json"];
+    if !image.pair_words.is_empty() {
+        files.push("pairs.hex");
+    }
+    let manifest = Manifest {
+        format_version: image::FORMAT_VERSION,
+        generator_version: generator::VERSION,
+        config_hash: r.hash.clone(),
+        rounding: r.rounding.name(),
+        tensor: weights.name.clone(),
+        shape: [weights.rows, weights.cols],
+        padded_shape: [layer.n_pad, layer.k_pad],
+        tiles: [image.n_tiles, image.k_tiles],
+        vectors: image.vectors,
+        seed: args.seed,
+        row_word_bits: r.row_word_bits,
+        pair_entry_bits: r.pair_entry_bits,
+        acc_width: r.acc_width,
+        ebw: image::effective_bit_width(&layer, &r),
+        weight_image_bits: image::weight_image_bits(&layer, &r),
+        cycles_predicted: prediction.cycles,
+        stats: layer.stats.clone(),
+        files,
+    };
+    let manifest_text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+    bar.set_message(format!("writing {}", args.out.display()));
+    image::write_dir_atomically(&args.out, |dir| {
+        image::write_atomically(&dir.join("config.toml"), r.to_toml().as_bytes())?;
+        image::write_hex_files(dir, &image)?;
+        let bases: Vec<String> = layer.bases.iter().map(|b| format!("{:02x}", b.0)).collect();
+        image::write_atomically(&dir.join("bases.hex"), (bases.join("\n") + "\n").as_bytes())?;
+        image::write_atomically(&dir.join("expected.hex"), image::expected_hex(&prediction.outputs, &r).as_bytes())?;
+        write_dequant(&dir.join("dequant.safetensors"), &layer)?;
+        image::write_atomically(&dir.join("manifest.json"), manifest_text.as_bytes())
+    })
+    .map_err(|e| format!("cannot write the image to {}: {e}", args.out.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{manifest_text}");
+    } else {
+        print_table(&[
+            ("tensor", format!("{} [{} x {}]", weights.name, weights.rows, weights.cols)),
+            ("config", r.hash.clone()),
+            ("EBW (bits/weight)", format!("{:.3}", manifest.ebw)),
+            ("outliers", layer.stats.outliers.to_string()),
+            ("pruned", layer.stats.pruned.to_string()),
+            ("demoted (unroutable)", layer.stats.demoted.to_string()),
+            ("relative error", format!("{:.5}", layer.stats.relative_error)),
+            ("image", args.out.display().to_string()),
+        ]);
+    }
+    Ok(0)
+}
+
+fn write_dequant(path: &Path, layer: &quantizer::QuantizedLayer) -> std::io::Result<()> {
+    let data: Vec<u8> = layer.dequant.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![layer.n_out, layer.k_in], &data)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let bytes = safetensors::serialize([(layer.name.as_str(), view)], None)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    image::write_atomically(path, &bytes)
+}
+
+fn generate(args: GenerateArgs) -> Result<i32, String> {
+    let r = args.config.resolve()?;
+    if args.print_config {
+        print!("{}", r.to_toml());
+        return Ok(0);
+    }
+    let out = args.out.expect("clap requires --out without --print-config");
+    if !(args.clock_mhz.is_finite() && args.clock_mhz > 0.0) {
+        return Err(format!("invalid --clock-mhz {}: it must be a positive frequency in MHz", args.clock_mhz));
+    }
+    let mut files = generator::generate_rtl(&r);
+    files.extend(generator::generate_constraints(&r, args.clock_mhz));
+    image::write_dir_atomically(&out, |dir| generator::write_files(dir, &files))
+        .map_err(|e| format!("cannot write the Verilog to {}: {e}", out.display()))?;
+    println!("wrote {} files for configuration {} to {}", files.len(), r.hash, out.display());
+    Ok(0)
+}
+
+fn read_image_dir(dir: &Path) -> Result<(Resolved, image::Image, golden::Prediction), String> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map_err(|e| format!("cannot read {}: {e}; write the image with `microscopiq quantize --out {}`", dir.join(name).display(), dir.display()))
+    };
+    let r = Config::from_toml(&read("config.toml")?, &dir.join("config.toml").display().to_string())
+        .and_then(|c| c.resolve())
+        .map_err(|e| e.to_string())?;
+    let manifest: serde_json::Value = serde_json::from_str(&read("manifest.json")?)
+        .map_err(|e| format!("invalid {}: {e}", dir.join("manifest.json").display()))?;
+    let field = |key: &str, index: Option<usize>| -> Result<usize, String> {
+        let value = match index {
+            Some(i) => &manifest[key][i],
+            None => &manifest[key],
+        };
+        value.as_u64().map(|v| v as usize).ok_or_else(|| format!("manifest.json lacks `{key}`"))
+    };
+    if manifest["format_version"].as_u64() != Some(image::FORMAT_VERSION as u64) {
+        return Err(format!(
+            "{} has image format version {}, this tool reads version {}; quantize again",
+            dir.display(),
+            manifest["format_version"],
+            image::FORMAT_VERSION
+        ));
+    }
+    let parse = |name: &str, width: u32| -> Result<Vec<crate::bits::BitWord>, String> {
+        if !dir.join(name).exists() {
+            return Ok(Vec::new());
+        }
+        image::parse_hex_lines(&read(name)?, width as usize, &dir.join(name).display().to_string())
+    };
+    let image = image::Image {
+        n_tiles: field("tiles", Some(0))?,
+        k_tiles: field("tiles", Some(1))?,
+        vectors: field("vectors", None)?,
+        row_words: parse("rows.hex", r.row_word_bits)?,
+        pair_words: parse("pairs.hex", r.pair_entry_bits)?,
+        act_words: parse("acts.hex", r.rows as u32 * r.a)?,
+    };
+    if image.row_words.len() != image.tiles() * r.rows || image.act_words.len() != image.k_tiles * image.vectors {
+        return Err(format!("{}: the hex files do not match the shapes in manifest.json; quantize again", dir.display()));
+    }
+    let prediction = golden::predict(&r, &image);
+    let expected = parse("expected.hex", r.cols as u32 * r.acc_width)?;
+    let acc = r.acc_width as usize;
+    for (i, word) in expected.iter().enumerate() {
+        let row: Vec<i128> = (0..r.cols).map(|c| crate::bits::sign_extend(word.get_wide(c * acc, acc), acc as u32)).collect();
+        if prediction.outputs.get(i) != Some(&row) {
+            return Err(format!("{}: expected.hex line {} differs from the golden model", dir.display(), i + 1));
+        }
+    }
+    Ok((r, image, prediction))
+}
+
+fn simulate(args: SimulateArgs) -> Result<i32, String> {
+    let (r, image, prediction) = read_image_dir(&args.image)?;
+    let bar = spinner(args.json);
+    bar.set_message("building and running the RTL with Verilator");
+    let sim = simulation::simulate(&r, &image, prediction.cycles, &simulation::SimOptions { work_dir: args.keep.clone() })
+        .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let comparison = simulation::compare(&prediction, &sim, image.vectors);
+    if args.keep.is_none() && comparison.passed() {
+        let _ = std::fs::remove_dir_all(&sim.work_dir);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&comparison).expect("comparison serialises"));
+    } else {
+        print_comparison(&comparison, &sim.work_dir, comparison.passed() && args.keep.is_none());
+    }
+    Ok(if comparison.passed() { 0 } else { 1 })
+}
+
+fn print_comparison(c: &simulation::Comparison, work_dir: &Path, removed: bool) {
+    print_table(&[
+        ("outputs compared", c.compared.to_string()),
+        ("mismatches", c.mismatches.to_string()),
+        ("cycles (RTL)", c.cycles.to_string()),
+        ("cycles (predicted)", c.cycles_predicted.to_string()),
+    ]);
+    if let Some(m) = &c.first {
+        println!(
+            "first mismatch: tile {}, vector {}, column {}, cycle {}: expected {}, got {}",
+            m.tile, m.vector, m.column, m.cycle, m.expected, m.got
+        );
+    }
+    if !removed {
+        println!("build and run files: {}", work_dir.display());
+    }
+}
+
+fn run(args: RunArgs) -> Result<i32, String> {
+    let r = args.config.resolve()?;
+    let weights = args.tensor.load()?;
+    if args.vectors == 0 {
+        return Err("invalid --vectors 0: at least one activation vector is needed".into());
+    }
+    let bar = spinner(args.json);
+    let report = flow::run(
+        &r,
+        &weights,
+        &RunOptions { vectors: args.vectors, seed: args.seed, work_dir: args.keep.clone() },
+        &|step| bar.set_message(step.to_string()),
+    )?;
+    bar.finish_and_clear();
+    let passed = report.mismatches == 0 && report.cycles == report.cycles_predicted;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+    } else {
+        print_table(&[
+            ("tensor", format!("{} [{} x {}]", report.tensor, report.shape[0], report.shape[1])),
+            ("config", format!("{} ({}x{} array, b = {}, A = {}, M = {})", report.config_hash, r.rows, r.cols, r.b, r.a, r.m)),
+            ("EBW (bits/weight)", format!("{:.3}", report.ebw)),
+            ("outliers / pruned", format!("{} / {}", report.outliers, report.pruned)),
+            ("relative error", format!("{:.5}", report.relative_error)),
+            ("tiles x vectors", format!("{} x {}", report.tiles, report.vectors)),
+            ("outputs compared", report.outputs_compared.to_string()),
+            ("mismatches", report.mismatches.to_string()),
+            ("cycles (RTL / predicted)", format!("{} / {}", report.cycles, report.cycles_predicted)),
+            ("verilator", report.verilator_version.clone()),
+        ]);
+        if let Some(m) = &report.first_mismatch {
+            println!(
+                "first mismatch: tile {}, vector {}, column {}, cycle {}: expected {}, got {}",
+                m.tile, m.vector, m.column, m.cycle, m.expected, m.got
+            );
+        }
+        if let Some(dir) = &report.work_dir {
+            println!("build and run files: {}", dir.display());
+        }
+        println!("{}", if passed { "PASS: RTL matches the golden model" } else { "FAIL: RTL differs from the golden model" });
+    }
+    Ok(if passed { 0 } else { 1 })
+}
+
+fn lint(args: ConfigArgs) -> Result<i32, String> {
+    let r = args.resolve()?;
+    let files = generator::generate_rtl(&r);
+    let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary folder: {e}"))?;
+    generator::write_files(dir.path(), &files).map_err(|e| e.to_string())?;
+    simulation::lint(dir.path(), &files).map_err(|e| e.to_string())?;
+    println!("verilator --lint-only -Wall: clean ({} files, configuration {})", files.len(), r.hash);
+    Ok(0)
+}
+
+/// Prints two-column rows as an aligned table.
+pub fn print_table(rows: &[(&str, String)]) {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, value) in rows {
+        println!("  {key:<width$}  {value}");
+    }
+}
