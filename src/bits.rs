@@ -122,7 +122,7 @@ pub fn index_bits(n: u64) -> u32 {
     }
 }
 
-/// Width of a two's-complement number that holds every value in `[-bound, bound]`.
+/// Width of a two's-complement number that can represent every value in `[-bound, bound]`.
 pub fn signed_width(bound: u128) -> u32 {
     // A magnitude of `bound` needs ceil(log2(bound + 1)) bits plus one sign bit.
     (128 - bound.leading_zeros()) + 1

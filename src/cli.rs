@@ -18,7 +18,7 @@ use crate::simulation;
 use crate::weights::{self, Layout, Matrix};
 
 /// The tensor `make run` uses when none is given: MiniLM's first FFN output projection,
-/// which holds the 7.9148 outlier at [99, 856].
+/// which contains the 7.9148 outlier at [99, 856].
 pub const DEFAULT_TENSOR: &str = "encoder.layer.0.output.dense.weight";
 
 /// MicroScopiQ: outlier-aware microscaling quantizer, RTL generator and golden model.
@@ -106,7 +106,7 @@ impl ConfigArgs {
     }
 }
 
-/// Which tensor to read.
+/// Tensor selection: file, name and storage layout.
 #[derive(Args, Debug, Clone)]
 pub struct TensorArgs {
     /// safetensors file; defaults to the fetched MiniLM model.
@@ -138,7 +138,7 @@ impl TensorArgs {
     }
 }
 
-/// The fetched MiniLM safetensors file.
+/// Returns the path of the fetched MiniLM safetensors file.
 pub fn default_weights() -> PathBuf {
     weights::models_dir().join("all-MiniLM-L6-v2").join("model.safetensors")
 }

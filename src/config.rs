@@ -55,7 +55,7 @@ pub struct FormatConfig {
     pub rounding: Rounding,
 }
 
-/// Where the outlier statistics (mean and standard deviation) come from.
+/// Population over which the outlier statistics (mean and standard deviation) are taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutlierScope {
@@ -130,7 +130,7 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string())
     }
 
-    /// The embedded default configuration.
+    /// Returns the embedded default configuration.
     pub fn default_config() -> Config {
         Config::from_toml(DEFAULT_TOML, "configs/default.toml").expect("embedded default parses")
     }
@@ -347,7 +347,7 @@ impl Resolved {
                 // The smallest offset keeps the outlier's least significant bit on or above the
                 // finest inlier grid of the macro-block, so every PE shift is non-negative.
                 let offset_min = of.bias + of.man_bits as i32 - 1 - (b as i32 - 2);
-                let e_field_max = (of.max_finite_code() >> of.man_bits) as u32;
+                let e_field_max = of.max_finite_code() >> of.man_bits;
                 let shift_hi_max = (1u32 << u) - 1 + ((1u32 << x) - 1) + e_field_max - 1 + lo;
                 (lo, hi, offset_min, shift_hi_max)
             }
@@ -359,7 +359,7 @@ impl Resolved {
 
         let a = f.act_bits;
         let act_mag: u128 = 1u128 << (a - 1);
-        let inlier_bound = int_format.max_magnitude() as u128 * act_mag << inlier_shift_max;
+        let inlier_bound = (int_format.max_magnitude() as u128 * act_mag) << inlier_shift_max;
         let mut lane_bound = inlier_bound;
         let mut pe_bound = inlier_bound;
         if max_pairs > 0 {
@@ -368,9 +368,9 @@ impl Resolved {
             let sig_max = (1u128 << (hi_bits + lo_bits)) - 1;
             let shift_lo_max = outlier_shift_max - lo_bits;
             pe_bound = pe_bound
-                .max(hi_max * act_mag << outlier_shift_max)
-                .max(lo_max * act_mag << shift_lo_max);
-            lane_bound = pe_bound.max(sig_max * act_mag << shift_lo_max);
+                .max((hi_max * act_mag) << outlier_shift_max)
+                .max((lo_max * act_mag) << shift_lo_max);
+            lane_bound = pe_bound.max((sig_max * act_mag) << shift_lo_max);
         }
         let product_width = signed_width(pe_bound);
         let lane_width = signed_width(lane_bound);
@@ -464,7 +464,7 @@ impl Resolved {
         base - self.micro_exp_max() as i32 - (self.b as i32 - 2)
     }
 
-    /// The resolved configuration as TOML, with every default filled in.
+    /// Serializes the resolved configuration as TOML, with every default filled in.
     pub fn to_toml(&self) -> String {
         toml::to_string(&self.config).expect("configuration serialises")
     }

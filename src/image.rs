@@ -3,9 +3,10 @@
 //! Tiles are numbered column tile first, row tile second: tile t = n_tile * k_tiles + k_tile,
 //! so the tiles that add into one group of output columns run back to back.
 //!
-//! - Row words, one per (tile, PE row): slot c at bits [c*b, (c+1)*b), then for each
-//!   micro-block j at bit cols*b + j*meta: a flag (set when the micro-block holds pairs,
-//!   present only when pairs are allowed) and the micro-exponent d (u bits).
+//! - Row words, one per (tile, PE row): slot c at bits [c*b, (c+1)*b), then the metadata of
+//!   each micro-block j at bit cols*b + j*meta. The metadata is a flag, set when the
+//!   micro-block has pairs and present only when pairs are allowed, then the micro-exponent d
+//!   (u bits).
 //! - Pair entries, one per flagged micro-block in (tile, row, micro-block) order: pair count,
 //!   outlier offset code, `max_pairs` lane pairs (o then p, log2 M bits each; unused pairs are
 //!   zero), then the ReCoN commands, 2 bits per switch, stage-major.

@@ -84,7 +84,7 @@ impl QuantizedLayer {
         self.n_pad / m
     }
 
-    /// The pair block of micro-block `ublock` of input channel `k`, if it holds pairs.
+    /// Returns the pair block of micro-block `ublock` of input channel `k`, if it has pairs.
     pub fn pair_block(&self, k: usize, ublock: usize, m: usize) -> Option<&PairBlock> {
         let index = self.pair_index[k * (self.n_pad / m) + ublock];
         (index != u32::MAX).then(|| &self.pair_blocks[index as usize])
@@ -309,7 +309,7 @@ fn kept_inliers(b: &Block) -> impl Iterator<Item = usize> + '_ {
     (0..b.values.len()).filter(|i| !b.outliers.contains(i) && !b.pruned.contains(i))
 }
 
-/// The `count` least salient non-outlier lanes; ties go to the lower index.
+/// Returns the `count` least salient non-outlier lanes; ties go to the lower index.
 fn least_salient(values: &[f64], outliers: &[usize], count: usize) -> Vec<usize> {
     let mut inliers: Vec<usize> = (0..values.len()).filter(|i| !outliers.contains(i)).collect();
     inliers.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()));

@@ -6,7 +6,7 @@
 //! which is what lets a product travel across lanes without leaving the inliers it passed out of
 //! place.
 //!
-//! A pair (o, p) is an outlier lane o and the pruned lane p that holds the outlier's low
+//! A pair (o, p) is an outlier lane o and the pruned lane p that carries the outlier's low
 //! significand bits. The network must output, for every pair, the sum of both lanes on lane o
 //! and zero on lane p, and every other lane unchanged.
 
@@ -45,7 +45,7 @@ pub fn stage_count(m: usize) -> usize {
     }
 }
 
-/// The lane bit that stage `stage` exchanges.
+/// Returns the lane bit that stage `stage` exchanges.
 pub fn stage_bit(m: usize, stage: usize) -> u32 {
     let l = m.trailing_zeros() as usize;
     if stage < l {
@@ -64,7 +64,7 @@ pub fn switch_lanes(bit: u32, index: usize) -> (usize, usize) {
     (lower, lower | (1 << bit))
 }
 
-/// Index of the switch that holds `lane` in a stage that exchanges bit `bit`.
+/// Index of the switch that contains `lane` in a stage that exchanges bit `bit`.
 pub fn switch_of_lane(bit: u32, lane: usize) -> usize {
     let low_mask = (1usize << bit) - 1;
     ((lane >> (bit + 1)) << bit) | (lane & low_mask)
@@ -109,9 +109,9 @@ pub const MAX_ROUTE_ATTEMPTS: usize = 50_000;
 /// Finds a pairing of `outliers` with `pruned` lanes and switch commands that merge every pair
 /// in one pass, or `None` if none is found within [`MAX_ROUTE_ATTEMPTS`].
 ///
-/// Every single pair routes. Several pairs in one micro-block may conflict; the search then
-/// tries other pairings and other paths (which of the two values travels, and whether the
-/// addition happens in the first or the second half). The search order is fixed, so the
+/// Every single pair routes. Several pairs in one micro-block may conflict, so the search
+/// tries other pairings and other paths. A path choice says which of the two values travels
+/// and whether the addition happens in the first or the second half. The search order is fixed, so the
 /// result is deterministic.
 pub fn route(m: usize, outliers: &[usize], pruned: &[usize]) -> Option<Route> {
     assert_eq!(outliers.len(), pruned.len(), "every outlier needs one pruned lane");
@@ -166,7 +166,7 @@ fn try_paths(m: usize, pairs: &[(usize, usize)], variant: usize) -> Option<Vec<S
             position ^= 1 << bit;
             chain.push(position);
         }
-        // The sum must land on the lane that holds the outlier's own product.
+        // The sum must land on the lane that carries the outlier's own product.
         let keeper = if outlier_moves { position } else { target };
         let op = if keeper < (position ^ target ^ keeper) { SwitchOp::AddLower } else { SwitchOp::AddUpper };
         let add_stage = if add_in_second_half { mirror(high) } else { high };

@@ -115,8 +115,8 @@ pub struct SimOptions {
 
 /// Generates, builds and runs the RTL of `r` on `image`.
 ///
-/// The work folder is kept when the run fails or when `options.work_dir` is set; otherwise
-/// the caller decides with [`SimResult::work_dir`].
+/// The work folder is always kept, also when a step fails, so the build can be inspected.
+/// Callers remove [`SimResult::work_dir`] when they no longer need it.
 pub fn simulate(r: &Resolved, image: &Image, predicted_cycles: u64, options: &SimOptions) -> Result<SimResult, SimError> {
     if image.tiles() == 0 || image.vectors == 0 {
         return Err(SimError("nothing to simulate: the image has no tiles or no activation vectors".into()));

@@ -21,9 +21,9 @@ module msq_ctrl (
 {% if ctx.has_pairs %}  input  logic [{= ctx.cols * ctx.b - 1 =}:0]   row_slots_i,    // slots of the row word read in the previous cycle
 {% if ctx.has_micro %}  input  logic [{= ctx.ubr * ctx.u - 1 =}:0]   row_micro_i,    // micro-exponents of that row word
 {% endif %}  output logic [{= ctx.aw - 1 =}:0]   pair_addr_o,    // pair-entry memory address
-  input  logic [{= ctx.ubr - 1 =}:0]   flags_i,        // flagged micro-blocks of row_word_i (from the decode)
+  input  logic [{= ctx.ubr - 1 =}:0]   flags_i,        // flagged micro-blocks of the row word read in the previous cycle
 {% endif %}  output logic [{= ctx.aw - 1 =}:0]   act_addr_o,     // activation memory address
-  output logic                 row_load_o,     // row_word_i belongs to the PE row in row_sel_o
+  output logic                 row_load_o,     // the row word read in the previous cycle belongs to the PE row in row_sel_o
   output logic [{= ctx.rows - 1 =}:0]   row_sel_o,      // one-hot PE row being loaded
 {% if ctx.has_pairs %}  output logic                 pair_load_o,    // the pair entry read in the previous cycle is valid
   output logic [{= ctx.ubr - 1 =}:0]   ublock_sel_o,   // one-hot micro-block that the pair entry belongs to
