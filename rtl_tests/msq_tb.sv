@@ -53,6 +53,7 @@ module msq_tb;
 
   int fd;
   int cycle;
+  logic finished;
   initial begin
     $readmemh("rows.hex", row_mem);
 {% if ctx.has_pairs %}{% if tb.pair_entries > 0 %}    $readmemh("pairs.hex", pair_mem);
@@ -64,13 +65,15 @@ module msq_tb;
     @(negedge clk);
     start = 1'b1;
     cycle = 0;
-    forever begin
+    finished = 1'b0;
+    while (!finished) begin
       @(negedge clk);
       start = 1'b0;
       cycle = cycle + 1;
       if (out_valid) $fwrite(fd, "%0d %h\n", cycle, out_psum);
-      if (done) break;
-      if (cycle > MAX_CYCLES) begin
+      if (done) begin
+        finished = 1'b1;
+      end else if (cycle > MAX_CYCLES) begin
         $fwrite(fd, "timeout %0d\n", cycle);
         $fclose(fd);
         $fatal(1, "no done after %0d cycles", cycle);

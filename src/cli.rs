@@ -183,12 +183,22 @@ pub struct SimulateArgs {
     /// Image folder written by `quantize`.
     #[arg(long, value_name = "DIR")]
     pub image: PathBuf,
-    /// Keep the Verilator build and run files here.
+    /// Keep the build and run files here.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+    /// Simulator: verilator (two-state, fast) or icarus (four-state, shows X propagation).
+    #[arg(long, value_enum, default_value = "verilator")]
+    pub simulator: SimulatorArg,
     /// Print the comparison as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Simulator names on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SimulatorArg {
+    Verilator,
+    Icarus,
 }
 
 #[derive(Args, Debug)]
@@ -407,8 +417,13 @@ fn read_image_dir(dir: &Path) -> Result<(Resolved, image::Image, golden::Predict
 fn simulate(args: SimulateArgs) -> Result<i32, String> {
     let (r, image, prediction) = read_image_dir(&args.image)?;
     let bar = spinner(args.json);
-    bar.set_message("building and running the RTL with Verilator");
-    let sim = simulation::simulate(&r, &image, prediction.cycles, &simulation::SimOptions { work_dir: args.keep.clone() })
+    let simulator = match args.simulator {
+        SimulatorArg::Verilator => simulation::Simulator::Verilator,
+        SimulatorArg::Icarus => simulation::Simulator::Icarus,
+    };
+    bar.set_message(format!("building and running the RTL with {simulator:?}"));
+    let options = simulation::SimOptions { work_dir: args.keep.clone(), simulator };
+    let sim = simulation::simulate(&r, &image, prediction.cycles, &options)
         .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let comparison = simulation::compare(&prediction, &sim, image.vectors);

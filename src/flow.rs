@@ -147,7 +147,7 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
     check_golden_against_gemm(&layer, r, &image, &prediction, &vectors)?;
     let verilator_version = simulation::verilator_version().map_err(|e| e.to_string())?;
     progress("building and running the RTL with Verilator");
-    let sim = simulation::simulate(r, &image, prediction.cycles, &SimOptions { work_dir: options.work_dir.clone() })
+    let sim = simulation::simulate(r, &image, prediction.cycles, &SimOptions { work_dir: options.work_dir.clone(), ..SimOptions::default() })
         .map_err(|e| e.to_string())?;
     let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
     let keep = options.work_dir.is_some() || !comparison.passed();

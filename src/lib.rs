@@ -15,4 +15,5 @@ pub mod image;
 pub mod quantizer;
 pub mod recon;
 pub mod simulation;
+pub mod synthesis;
 pub mod weights;

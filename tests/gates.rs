@@ -1,0 +1,79 @@
+//! Tool gates on the generated Verilog: Yosys elaboration and synthesis checks over a matrix of
+//! configurations, and Icarus Verilog (four-state) cross-simulation of the smallest ones.
+
+use microscopiq::config::{Config, Resolved};
+use microscopiq::flow::{random_activations, SplitMix64};
+use microscopiq::simulation::{self, SimOptions, Simulator};
+use microscopiq::weights::Matrix;
+use microscopiq::{generator, golden, image, quantizer, synthesis};
+
+/// (rows, cols, weight bits, micro-block, max pairs, micro-exponent bits)
+const MATRIX: &[(u32, u32, u32, u32, u32, u32)] = &[
+    (1, 1, 2, 1, 0, 2),
+    (1, 2, 4, 2, 1, 0),
+    (2, 4, 2, 4, 2, 2),
+    (4, 4, 4, 4, 2, 2),
+    (8, 8, 2, 8, 4, 2),
+    (8, 8, 4, 8, 4, 1),
+    (16, 16, 2, 8, 4, 2),
+];
+
+fn resolve(point: (u32, u32, u32, u32, u32, u32)) -> Resolved {
+    let (rows, cols, b, m, pairs, u) = point;
+    let mut c = Config::default_config();
+    c.array.rows = rows;
+    c.array.cols = cols;
+    c.format.weight_bits = b;
+    c.format.ublock = m;
+    c.format.max_pairs = pairs;
+    c.format.micro_exp_bits = u;
+    c.format.mab_rows = None;
+    c.format.outlier_format = None;
+    c.resolve().unwrap_or_else(|e| panic!("configuration {point:?}: {e}"))
+}
+
+#[test]
+fn yosys_synthesizes_matrix_cleanly() {
+    for &point in MATRIX {
+        let r = resolve(point);
+        let dir = tempfile::tempdir().unwrap();
+        let files = generator::generate_rtl(&r);
+        generator::write_files(dir.path(), &files).unwrap();
+        let report = synthesis::check(dir.path(), &files).unwrap_or_else(|e| panic!("configuration {point:?}: {e}"));
+        assert!(report.cells > 0, "configuration {point:?}: no cells after synthesis");
+    }
+}
+
+fn random_weights(n: usize, k: usize, seed: u64) -> Matrix {
+    let mut rng = SplitMix64(seed);
+    let data = (0..n * k)
+        .map(|_| {
+            let x = rng.normal() as f32 * 0.05;
+            if rng.next_u64() % 8 == 0 {
+                x * 40.0
+            } else {
+                x
+            }
+        })
+        .collect();
+    Matrix::new("random", n, k, data)
+}
+
+#[test]
+fn icarus_matches_golden_small_configs() {
+    for &point in &MATRIX[..4] {
+        let r = resolve(point);
+        let weights = random_weights(9, 7, 3);
+        let layer = quantizer::quantize(&weights, &r);
+        let vectors = random_activations(3, layer.k_pad, r.a, 5);
+        let img = image::build(&layer, &r, &vectors);
+        let prediction = golden::predict(&r, &img);
+        let options = SimOptions { simulator: Simulator::Icarus, ..SimOptions::default() };
+        let sim = simulation::simulate(&r, &img, prediction.cycles, &options)
+            .unwrap_or_else(|e| panic!("configuration {point:?}: {e}"));
+        let comparison = simulation::compare(&prediction, &sim, img.vectors);
+        assert_eq!(comparison.mismatches, 0, "configuration {point:?}: first mismatch {:?}", comparison.first);
+        assert_eq!(comparison.cycles, comparison.cycles_predicted, "configuration {point:?}: cycle count");
+        std::fs::remove_dir_all(&sim.work_dir).unwrap();
+    }
+}
