@@ -12,6 +12,7 @@ pub mod formats;
 pub mod generator;
 pub mod golden;
 pub mod image;
+pub mod models;
 pub mod quantizer;
 pub mod recon;
 pub mod simulation;
