@@ -41,6 +41,31 @@ pub enum Command {
     Run(RunArgs),
     /// Run `verilator --lint-only -Wall` on the generated Verilog.
     Lint(ConfigArgs),
+    /// Synthesize the generated Verilog with Yosys and report resources per module.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Yosys flow: xilinx (synth_xilinx), ice40 (synth_ice40) or generic (synth).
+    #[arg(long, value_enum, default_value = "xilinx")]
+    pub target: TargetArg,
+    /// Keep the Verilog and the Yosys logs here.
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Synthesis targets on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TargetArg {
+    Xilinx,
+    Ice40,
+    Generic,
 }
 
 /// Configuration file and overrides shared by every command.
@@ -229,6 +254,7 @@ pub fn main_with(cli: Cli) -> Result<i32, String> {
         Command::Simulate(args) => simulate(args),
         Command::Run(args) => run(args),
         Command::Lint(args) => lint(args),
+        Command::Synth(args) => synth(args),
     }
 }
 
@@ -507,6 +533,43 @@ fn lint(args: ConfigArgs) -> Result<i32, String> {
     generator::write_files(dir.path(), &files).map_err(|e| e.to_string())?;
     simulation::lint(dir.path(), &files).map_err(|e| e.to_string())?;
     println!("verilator --lint-only -Wall: clean ({} files, configuration {})", files.len(), r.hash);
+    Ok(0)
+}
+
+fn synth(args: SynthArgs) -> Result<i32, String> {
+    let r = args.config.resolve()?;
+    let target = match args.target {
+        TargetArg::Xilinx => crate::synthesis::Target::Xilinx,
+        TargetArg::Ice40 => crate::synthesis::Target::Ice40,
+        TargetArg::Generic => crate::synthesis::Target::Generic,
+    };
+    let files = generator::generate_rtl(&r);
+    let temp = tempfile::tempdir().map_err(|e| format!("cannot create a temporary folder: {e}"))?;
+    let dir = args.keep.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    generator::write_files(&dir, &files).map_err(|e| format!("cannot write into {}: {e}", dir.display()))?;
+    let bar = spinner(args.json);
+    bar.set_message(format!("synthesizing {}x{} with yosys ({target:?})", r.rows, r.cols));
+    let report = crate::synthesis::synthesize(&dir, &files, target).map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    if args.json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            config_hash: &'a str,
+            #[serde(flatten)]
+            report: &'a crate::synthesis::ResourceReport,
+        }
+        println!("{}", serde_json::to_string(&Out { config_hash: &r.hash, report: &report }).expect("report serialises"));
+        return Ok(0);
+    }
+    println!("  {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>7}", "module", "instances", "LUTs", "FFs", "DSPs", "cells", "LUT %");
+    for (name, m) in report.modules.iter().chain(std::iter::once((&"total".to_string(), &report.total))) {
+        let share = if report.total.luts > 0 { 100.0 * m.luts as f64 / report.total.luts as f64 } else { 0.0 };
+        println!("  {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6.1}%", name, m.instances, m.luts, m.ffs, m.dsps, m.cells, share);
+    }
+    println!("  ReCoN + decode share of LUTs: {:.1}%", 100.0 * report.recon_decode_lut_share);
+    if args.keep.is_some() {
+        println!("  Verilog and Yosys logs: {}", dir.display());
+    }
     Ok(0)
 }
 

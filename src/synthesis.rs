@@ -77,3 +77,192 @@ pub fn check(dir: &Path, files: &[GeneratedFile]) -> Result<SynthesisReport, Sim
         .ok_or_else(|| SimError(format!("{} lacks design.num_cells", dir.join("yosys_stat.json").display())))?;
     Ok(SynthesisReport { cells })
 }
+
+/// Yosys synthesis flow for resource counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// `synth_xilinx` (7-series LUT6, FDCE, CARRY4, DSP48E1).
+    Xilinx,
+    /// `synth_ice40` (SB_LUT4, SB_DFF*, SB_CARRY, SB_MAC16).
+    Ice40,
+    /// Generic `synth`: gate-level cells, no LUT mapping.
+    Generic,
+}
+
+impl Target {
+    fn command(self) -> &'static str {
+        match self {
+            Target::Xilinx => "synth_xilinx -top msq_top",
+            Target::Ice40 => "synth_ice40 -top msq_top",
+            Target::Generic => "synth -top msq_top",
+        }
+    }
+}
+
+/// Resources of one group of modules, summed over every instance.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Resources {
+    /// Instances of the group's main module in the design.
+    pub instances: u64,
+    pub luts: u64,
+    pub ffs: u64,
+    pub dsps: u64,
+    pub brams: u64,
+    pub cells: u64,
+}
+
+impl Resources {
+    fn add(&mut self, other: &Resources) {
+        self.luts += other.luts;
+        self.ffs += other.ffs;
+        self.dsps += other.dsps;
+        self.brams += other.brams;
+        self.cells += other.cells;
+    }
+}
+
+/// Resource report of a whole design, per module group.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ResourceReport {
+    pub target: Target,
+    /// Groups: `pe_array` (PEs, activation skew and column adders), `recon` (ReCoN networks
+    /// and their switches), `decode`, `controller`, `top`.
+    pub modules: std::collections::BTreeMap<String, Resources>,
+    pub total: Resources,
+    /// LUTs of ReCoN and decode as a share of all LUTs (0 for the generic target).
+    pub recon_decode_lut_share: f64,
+}
+
+fn group_of(module: &str) -> &'static str {
+    match module {
+        "msq_pe" | "msq_array" => "pe_array",
+        "msq_recon" | "msq_recon_switch" => "recon",
+        "msq_decode" => "decode",
+        "msq_ctrl" => "controller",
+        _ => "top",
+    }
+}
+
+/// Cell kinds of the Xilinx and iCE40 libraries and of Yosys' generic gates.
+fn classify(cell: &str) -> &'static str {
+    let lut = cell.starts_with("LUT") || cell == "SB_LUT4";
+    let ff = cell.starts_with("FD") || cell.starts_with("SB_DFF") || cell.starts_with("$_DFF") || cell.starts_with("$_SDFF") || cell.starts_with("$_DFFE");
+    let dsp = cell.starts_with("DSP48") || cell == "SB_MAC16";
+    let bram = cell.starts_with("RAMB") || cell.starts_with("SB_RAM");
+    if lut {
+        "lut"
+    } else if ff {
+        "ff"
+    } else if dsp {
+        "dsp"
+    } else if bram {
+        "bram"
+    } else {
+        "other"
+    }
+}
+
+/// Synthesizes the design in `dir` with `target` and sums the resources per module group.
+pub fn synthesize(dir: &Path, files: &[GeneratedFile], target: Target) -> Result<ResourceReport, SimError> {
+    let yosys = find_tool("yosys")?;
+    let sources: Vec<&str> = files.iter().filter(|f| f.name.ends_with(".sv")).map(|f| f.name.as_str()).collect();
+    let script = format!(
+        "read_verilog -sv -noautowire {}\nhierarchy -check -top msq_top\n{}\ntee -q -o resources.json stat -json\n",
+        sources.join(" "),
+        target.command()
+    );
+    let script_path = dir.join("resources.ys");
+    std::fs::write(&script_path, script).map_err(|e| SimError(format!("cannot write {}: {e}", script_path.display())))?;
+    let out = Command::new(yosys)
+        .current_dir(dir)
+        .args(["-q", "-l", "resources.log", "-s", "resources.ys"])
+        .output()
+        .map_err(|e| SimError(format!("failed to start yosys: {e}")))?;
+    if !out.status.success() {
+        return Err(SimError(format!(
+            "yosys {} failed ({}); log in {}",
+            target.command(),
+            out.status,
+            dir.join("resources.log").display()
+        )));
+    }
+    let stat = std::fs::read_to_string(dir.join("resources.json"))
+        .map_err(|e| SimError(format!("cannot read {}: {e}", dir.join("resources.json").display())))?;
+    let cleaned: String = stat
+        .lines()
+        .filter(|line| {
+            let t = line.trim_start();
+            t.is_empty() || t.starts_with(['"', '{', '}', '[', ']'])
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let json: serde_json::Value = serde_json::from_str(&cleaned)
+        .map_err(|e| SimError(format!("invalid yosys stat -json output in {}: {e}", dir.join("resources.json").display())))?;
+    let modules = json["modules"].as_object().ok_or_else(|| SimError("yosys stat -json has no modules".into()))?;
+    let name_of = |key: &str| key.trim_start_matches('\\').to_string();
+    let own: std::collections::BTreeMap<String, (Resources, Vec<(String, u64)>)> = modules
+        .iter()
+        .map(|(key, module)| {
+            let mut resources = Resources::default();
+            let mut children = Vec::new();
+            if let Some(by_type) = module["num_cells_by_type"].as_object() {
+                for (cell, count) in by_type {
+                    let count = count.as_u64().unwrap_or(0);
+                    if modules.contains_key(&format!("\\{cell}")) || modules.contains_key(cell) {
+                        children.push((cell.clone(), count));
+                        continue;
+                    }
+                    resources.cells += count;
+                    match classify(cell) {
+                        "lut" => resources.luts += count,
+                        "ff" => resources.ffs += count,
+                        "dsp" => resources.dsps += count,
+                        "bram" => resources.brams += count,
+                        _ => {}
+                    }
+                }
+            }
+            (name_of(key), (resources, children))
+        })
+        .collect();
+
+    // Instance counts from the top down.
+    let mut instances: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    fn visit(module: &str, times: u64, own: &std::collections::BTreeMap<String, (Resources, Vec<(String, u64)>)>, instances: &mut std::collections::BTreeMap<String, u64>, depth: usize) {
+        *instances.entry(module.to_string()).or_insert(0) += times;
+        if depth > 64 {
+            return;
+        }
+        if let Some((_, children)) = own.get(module) {
+            for (child, count) in children {
+                visit(child, times * count, own, instances, depth + 1);
+            }
+        }
+    }
+    visit("msq_top", 1, &own, &mut instances, 0);
+
+    let mut groups: std::collections::BTreeMap<String, Resources> = std::collections::BTreeMap::new();
+    let mut total = Resources::default();
+    for (module, (resources, _)) in &own {
+        let times = instances.get(module).copied().unwrap_or(0);
+        let scaled = Resources {
+            instances: 0,
+            luts: resources.luts * times,
+            ffs: resources.ffs * times,
+            dsps: resources.dsps * times,
+            brams: resources.brams * times,
+            cells: resources.cells * times,
+        };
+        let group = groups.entry(group_of(module).to_string()).or_default();
+        group.add(&scaled);
+        if matches!(module.as_str(), "msq_pe" | "msq_recon" | "msq_decode" | "msq_ctrl" | "msq_top") {
+            group.instances = times;
+        }
+        total.add(&scaled);
+    }
+    total.instances = 1;
+    let recon_decode = groups.get("recon").map_or(0, |g| g.luts) + groups.get("decode").map_or(0, |g| g.luts);
+    let share = if total.luts > 0 { recon_decode as f64 / total.luts as f64 } else { 0.0 };
+    Ok(ResourceReport { target, modules: groups, total, recon_decode_lut_share: share })
+}
