@@ -230,14 +230,16 @@ pub struct Resolved {
     pub scope: OutlierScope,
     /// ReCoN stages (2 log2 M - 1, 0 when M = 1).
     pub recon_stages: usize,
-    /// Largest PE shift.
+    /// Largest shift of a merged lane.
     pub max_shift: u32,
     /// Bits of a PE shift register.
     pub shift_bits: u32,
-    /// Width of a shifted PE product.
+    /// Width of a PE product before its shift.
     pub product_width: u32,
     /// Width of a ReCoN lane (a product or the sum of one outlier's two products).
     pub lane_width: u32,
+    /// Width of a lane after its shift.
+    pub shifted_width: u32,
     /// Width of a column partial sum.
     pub acc_width: u32,
     /// Bits of one micro-block's metadata in a row word (flag and micro-exponent).
@@ -348,8 +350,9 @@ impl Resolved {
                 // finest inlier grid of the macro-block, so every PE shift is non-negative.
                 let offset_min = of.bias + of.man_bits as i32 - 1 - (b as i32 - 2);
                 let e_field_max = of.max_finite_code() >> of.man_bits;
-                let shift_hi_max = (1u32 << u) - 1 + ((1u32 << x) - 1) + e_field_max - 1 + lo;
-                (lo, hi, offset_min, shift_hi_max)
+                // Shift of the merged outlier product, applied after ReCoN.
+                let shift_max = (1u32 << u) - 1 + ((1u32 << x) - 1) + e_field_max - 1;
+                (lo, hi, offset_min, shift_max)
             }
             _ => (0, 0, 0, 0),
         };
@@ -357,24 +360,27 @@ impl Resolved {
         let max_shift = inlier_shift_max.max(outlier_shift_max);
         let shift_bits = index_bits(max_shift as u64 + 1);
 
+        // ReCoN routes products before the shift, so its lanes stay narrow: a PE emits
+        // weight * activation, an outlier's upper half pre-shifted by lo_bits, and each column
+        // shifts its merged lane afterwards.
         let a = f.act_bits;
         let act_mag: u128 = 1u128 << (a - 1);
-        let inlier_bound = (int_format.max_magnitude() as u128 * act_mag) << inlier_shift_max;
-        let mut lane_bound = inlier_bound;
-        let mut pe_bound = inlier_bound;
+        let inlier_product = int_format.max_magnitude() as u128 * act_mag;
+        let mut pe_bound = inlier_product;
+        let mut lane_bound = inlier_product;
+        let mut shifted_bound = inlier_product << inlier_shift_max;
         if max_pairs > 0 {
             let hi_max = (1u128 << hi_bits) - 1;
             let lo_max = (1u128 << lo_bits) - 1;
             let sig_max = (1u128 << (hi_bits + lo_bits)) - 1;
-            let shift_lo_max = outlier_shift_max - lo_bits;
-            pe_bound = pe_bound
-                .max((hi_max * act_mag) << outlier_shift_max)
-                .max((lo_max * act_mag) << shift_lo_max);
-            lane_bound = pe_bound.max((sig_max * act_mag) << shift_lo_max);
+            pe_bound = pe_bound.max((hi_max * act_mag) << lo_bits).max(lo_max * act_mag);
+            lane_bound = pe_bound.max(sig_max * act_mag);
+            shifted_bound = shifted_bound.max((sig_max * act_mag) << outlier_shift_max);
         }
         let product_width = signed_width(pe_bound);
         let lane_width = signed_width(lane_bound);
-        let acc_width = signed_width(lane_bound * config.array.rows as u128);
+        let shifted_width = signed_width(shifted_bound);
+        let acc_width = signed_width(shifted_bound * config.array.rows as u128);
         if acc_width > 120 {
             return Err(invalid(format!(
                 "invalid configuration: the partial sum needs {acc_width} bits, more than the 120 the \
@@ -429,6 +435,7 @@ impl Resolved {
             shift_bits,
             product_width,
             lane_width,
+            shifted_width,
             acc_width,
             ublock_meta_bits,
             row_word_bits,

@@ -66,6 +66,8 @@ pub struct RtlContext {
     pub mw: i64,
     pub pw: i64,
     pub lw: i64,
+    /// Width of a lane after its shift.
+    pub shw: i64,
     pub acc: i64,
     /// Row word width.
     pub rww: i64,
@@ -160,6 +162,7 @@ impl RtlContext {
             mw,
             pw: r.product_width as i64,
             lw: lw as i64,
+            shw: r.shifted_width as i64,
             acc: r.acc_width as i64,
             rww: r.row_word_bits as i64,
             pew: r.pair_entry_bits as i64,

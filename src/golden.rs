@@ -8,11 +8,13 @@ use crate::config::Resolved;
 use crate::image::Image;
 use crate::recon::{self, SwitchOp};
 
-/// Decoded state of one PE: two's-complement weight and left shift.
+/// Decoded state of one PE: two's-complement weight, the shift its column applies after
+/// ReCoN, and whether the weight is an outlier's upper significand half.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeState {
     pub weight: i64,
     pub shift: u32,
+    pub hi: bool,
 }
 
 /// Decoded weights of one tile, as the shadow registers hold them after loading.
@@ -54,6 +56,7 @@ pub fn decode_tile<'a>(r: &Resolved, rows: &[BitWord], pairs: &mut impl Iterator
             tile.pes[row * r.cols + c] = PeState {
                 weight: r.int_format.decode(code) as i64,
                 shift: r.micro_exp_max() - micro(c / r.m),
+                hi: false,
             };
         }
         if r.max_pairs == 0 {
@@ -94,8 +97,8 @@ fn apply_pair_entry(r: &Resolved, word: &BitWord, j: usize, micro: u32, entry: &
         let sign = if negative { -1 } else { 1 };
         let hi = (significand >> r.lo_bits) as i64 * sign;
         let lo_part = (significand & ((1 << r.lo_bits) - 1)) as i64 * sign;
-        tile.pes[row * r.cols + j * r.m + o] = PeState { weight: hi, shift: lo_shift + r.lo_bits };
-        tile.pes[row * r.cols + j * r.m + p] = PeState { weight: lo_part, shift: lo_shift };
+        tile.pes[row * r.cols + j * r.m + o] = PeState { weight: hi, shift: lo_shift, hi: true };
+        tile.pes[row * r.cols + j * r.m + p] = PeState { weight: lo_part, shift: lo_shift, hi: false };
     }
     let cmd_lo = pcb + x + r.max_pairs * 2 * l;
     let switches = r.recon_stages * r.switches_per_stage();
@@ -109,15 +112,19 @@ pub fn tile_output(r: &Resolved, tile: &TileState, acts: &[i64]) -> Vec<i128> {
     let mut lanes = vec![0i128; r.m];
     for row in 0..r.rows {
         for j in 0..r.ublocks_per_row() {
+            // Products enter ReCoN unshifted, except that an upper half is pre-shifted so it
+            // adds to its lower half; each lane is shifted by its own PE's shift afterwards.
             for (lane, value) in lanes.iter_mut().enumerate() {
                 let pe = tile.pes[row * r.cols + j * r.m + lane];
-                *value = (pe.weight as i128 * acts[row] as i128) << pe.shift;
+                let pre_shift = if pe.hi { r.lo_bits } else { 0 };
+                *value = (pe.weight as i128 * acts[row] as i128) << pre_shift;
             }
             if r.max_pairs > 0 {
                 recon::apply(&tile.commands[row * r.ublocks_per_row() + j], &mut lanes, 0, |a, b| a + b);
             }
             for (lane, value) in lanes.iter().enumerate() {
-                sums[j * r.m + lane] += value;
+                let pe = tile.pes[row * r.cols + j * r.m + lane];
+                sums[j * r.m + lane] += value << pe.shift;
             }
         }
     }

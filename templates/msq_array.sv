@@ -20,6 +20,7 @@ module msq_array (
 {% endif %}{% if ctx.has_pairs %}  input  logic                 pair_load_i,      // write the pair decode into one micro-block
   input  logic [{= ctx.ubr - 1 =}:0]   ublock_sel_i,     // one-hot micro-block of that row
   input  logic [{= ctx.m - 1 =}:0]   pair_we_i,        // lanes written by the pair decode
+  input  logic [{= ctx.m - 1 =}:0]   pair_hi_i,        // lanes that receive an outlier's upper half
   input  logic [{= ctx.m * ctx.b - 1 =}:0]   pair_weight_i,    // lane weights
   input  logic [{= ctx.m * ctx.sw - 1 =}:0]   pair_shift_i,     // lane shifts
   input  logic [{= ctx.cmd_bits - 1 =}:0]   pair_cmd_i,       // ReCoN commands of the micro-block
@@ -85,8 +86,10 @@ module msq_array (
       logic signed [{= ctx.b - 1 =}:0] weight;
 {% if ctx.has_shift %}      logic [{= ctx.sw - 1 =}:0] shift;
 {% endif %}      logic signed [{= ctx.pw - 1 =}:0] prod;
-{% if ctx.has_pairs %}
+{% if ctx.has_shift %}      logic [{= ctx.sw - 1 =}:0] active_shift;
+{% endif %}{% if ctx.has_pairs %}      logic hi;
       assign load   = row_sel_i[r] && (row_load_i || (pair_load_i && ublock_sel_i[c / {= ctx.m =}] && pair_we_i[c % {= ctx.m =}]));
+      assign hi     = !row_load_i && pair_hi_i[c % {= ctx.m =}];
       assign weight = row_load_i ? inlier_weight_i[c*{= ctx.b =} +: {= ctx.b =}] : pair_weight_i[(c % {= ctx.m =})*{= ctx.b =} +: {= ctx.b =}];
       assign shift  = row_load_i ? inlier_shift_i[c*{= ctx.sw =} +: {= ctx.sw =}] : pair_shift_i[(c % {= ctx.m =})*{= ctx.sw =} +: {= ctx.sw =}];
 {% else %}
@@ -100,15 +103,23 @@ module msq_array (
         .load_i   (load),
         .weight_i (weight),
 {% if ctx.has_shift %}        .shift_i  (shift),
+{% endif %}{% if ctx.has_pairs %}        .hi_i     (hi),
 {% endif %}        .swap_i   (swap_row[r]),
         .act_i    (act_q),
-        .prod_o   (prod)
+{% if ctx.has_shift %}        .shift_o  (active_shift),
+{% endif %}        .prod_o   (prod)
       );
       assign lane_in[c*{= ctx.lw =} +: {= ctx.lw =}] = {= ctx.sext("prod", ctx.pw, ctx.lw) =};
 
-      // Column adder: the partial sum from the row above plus this row's merged product.
+      // Column adder: the partial sum from the row above plus this row's merged product,
+      // shifted by the PE's shift after ReCoN.
+      logic signed [{= ctx.shw - 1 =}:0] shifted;
       logic signed [{= ctx.acc - 1 =}:0] addend;
-      assign addend = {= ctx.sext("lane_out[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.acc) =};
+{% if ctx.has_shift %}      logic signed [{= ctx.shw - 1 =}:0] lane_ext;
+      assign lane_ext = {= ctx.sext("lane_out[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.shw) =};
+      assign shifted  = lane_ext <<< active_shift;
+{% else %}      assign shifted  = {= ctx.sext("lane_out[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.shw) =};
+{% endif %}      assign addend   = {= ctx.sext("shifted", ctx.shw, ctx.acc) =};
       if (r == 0) begin : g_top
         always_ff @(posedge clk_i or negedge rst_ni) begin
           if (!rst_ni) psum_q[c*{= ctx.acc =} +: {= ctx.acc =}] <= '0;

@@ -9,7 +9,7 @@
 // Pair part: reassembles the {= 2 * ctx.b =}-bit {= ctx.outlier_name =} code of each outlier of the selected
 // micro-block from its own slot (upper {= ctx.b =} bits) and its pruned slot (lower {= ctx.b =} bits), and
 // returns the significand's upper {= ctx.hi_bits =} bits with the outlier's shift for the outlier lane
-// and the lower {= ctx.lo_bits =} bits with a shift {= ctx.lo_bits =} smaller for the pruned lane. Pair entry layout:
+// and the lower {= ctx.lo_bits =} bits for the pruned lane. Both lanes get the shift of the merged product. Pair entry layout:
 // count [{= ctx.pcb - 1 =}:0], offset code [{= ctx.pcb + ctx.x - 1 =}:{= ctx.pcb =}], pair i lanes o at {= ctx.pair_lo =} + i*{= 2 * ctx.log_m =} and p
 // {= ctx.log_m =} bits above it, then the ReCoN commands at bit {= ctx.cmd_lo =}.
 {% endif %}module msq_decode (
@@ -22,6 +22,7 @@
 {% endif %}  input  logic [{= ctx.ubr - 1 =}:0] ublock_sel_i,     // one-hot micro-block the pair entry belongs to
   input  logic [{= ctx.pew - 1 =}:0] pair_i,           // pair entry read from memory
   output logic [{= ctx.m - 1 =}:0] pair_we_o,        // lanes of the micro-block that the entry writes
+  output logic [{= ctx.m - 1 =}:0] pair_hi_o,        // lanes that receive an outlier's upper half
   output logic [{= ctx.m * ctx.b - 1 =}:0] pair_weight_o,    // weight of lane l at [l*{= ctx.b =} +: {= ctx.b =}]
   output logic [{= ctx.m * ctx.sw - 1 =}:0] pair_shift_o,     // shift of lane l at [l*{= ctx.sw =} +: {= ctx.sw =}]
   output logic [{= ctx.cmd_bits - 1 =}:0] pair_cmd_o        // ReCoN commands of the micro-block
@@ -69,7 +70,7 @@
   logic [{= ctx.max_pairs - 1 =}:0] pair_valid;
   logic [{= ctx.max_pairs * ctx.log_m - 1 =}:0] pair_o, pair_p;
   logic [{= ctx.max_pairs * ctx.b - 1 =}:0] pair_hi_weight, pair_lo_weight;
-  logic [{= ctx.max_pairs * ctx.sw - 1 =}:0] pair_hi_shift, pair_lo_shift;
+  logic [{= ctx.max_pairs * ctx.sw - 1 =}:0] pair_shift;
   for (genvar i = 0; i < {= ctx.max_pairs =}; i++) begin : g_pair
     logic [{= ctx.log_m - 1 =}:0] lane_o, lane_p;
     logic [{= ctx.b - 1 =}:0] slot_o, slot_p;
@@ -90,8 +91,7 @@
     assign significand = {exponent != '0, code[{= ctx.man_bits - 1 =}:0]};
     assign exponent_step = (exponent == '0) ? '0 : exponent - 1'b1;
     assign lo_shift = base_shift + {= ctx.zext("exponent_step", ctx.exp_bits, ctx.sw) =};
-    assign pair_lo_shift[i*{= ctx.sw =} +: {= ctx.sw =}] = lo_shift;
-    assign pair_hi_shift[i*{= ctx.sw =} +: {= ctx.sw =}] = lo_shift + {= ctx.sw =}'d{= ctx.lo_bits =};
+    assign pair_shift[i*{= ctx.sw =} +: {= ctx.sw =}] = lo_shift;
     assign pair_hi_weight[i*{= ctx.b =} +: {= ctx.b =}] = code[{= 2 * ctx.b - 1 =}]
         ? -{= ctx.zext("significand[" ~ ctx.man_bits ~ ":" ~ ctx.lo_bits ~ "]", ctx.hi_bits, ctx.b) =}
         : {= ctx.zext("significand[" ~ ctx.man_bits ~ ":" ~ ctx.lo_bits ~ "]", ctx.hi_bits, ctx.b) =};
@@ -103,19 +103,21 @@
   // Each lane takes the half of the pair that names it; pairs never share a lane.
   always_comb begin
     pair_we_o     = '0;
+    pair_hi_o     = '0;
     pair_weight_o = '0;
     pair_shift_o  = '0;
     for (int l = 0; l < {= ctx.m =}; l++) begin
       for (int i = 0; i < {= ctx.max_pairs =}; i++) begin
         if (pair_valid[i] && pair_o[i*{= ctx.log_m =} +: {= ctx.log_m =}] == {= ctx.log_m =}'(l)) begin
           pair_we_o[l] = 1'b1;
+          pair_hi_o[l] = 1'b1;
           pair_weight_o[l*{= ctx.b =} +: {= ctx.b =}] = pair_hi_weight[i*{= ctx.b =} +: {= ctx.b =}];
-          pair_shift_o[l*{= ctx.sw =} +: {= ctx.sw =}] = pair_hi_shift[i*{= ctx.sw =} +: {= ctx.sw =}];
+          pair_shift_o[l*{= ctx.sw =} +: {= ctx.sw =}] = pair_shift[i*{= ctx.sw =} +: {= ctx.sw =}];
         end
         if (pair_valid[i] && pair_p[i*{= ctx.log_m =} +: {= ctx.log_m =}] == {= ctx.log_m =}'(l)) begin
           pair_we_o[l] = 1'b1;
           pair_weight_o[l*{= ctx.b =} +: {= ctx.b =}] = pair_lo_weight[i*{= ctx.b =} +: {= ctx.b =}];
-          pair_shift_o[l*{= ctx.sw =} +: {= ctx.sw =}] = pair_lo_shift[i*{= ctx.sw =} +: {= ctx.sw =}];
+          pair_shift_o[l*{= ctx.sw =} +: {= ctx.sw =}] = pair_shift[i*{= ctx.sw =} +: {= ctx.sw =}];
         end
       end
     end

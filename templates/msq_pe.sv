@@ -1,21 +1,26 @@
 {% include "header.sv" %}
 // One processing element: a b-bit weight (sign-magnitude in the image, two's complement here)
-// times an A-bit two's-complement activation{% if ctx.has_shift %}, shifted left by the PE's shift{% endif %}.
-// The weight{% if ctx.has_shift %} and shift are{% else %} is{% endif %} double-buffered: load_i writes the shadow copy while the active
+// times an A-bit two's-complement activation.{% if ctx.has_pairs %} The upper half of an outlier's significand is
+// marked by hi and its product is pre-shifted by {= ctx.lo_bits =}, so that ReCoN adds it to the lower half's
+// product without a shifter in between.{% endif %}{% if ctx.has_shift %} The PE also holds the shift that its column applies
+// after ReCoN.{% endif %} The state is double-buffered: load_i writes the shadow copy while the active
 // copy computes, and swap_i makes the shadow copy active.
 module msq_pe (
   input  logic                    clk_i,     // clock
   input  logic                    rst_ni,    // asynchronous reset, active low
   input  logic                    load_i,    // write the inputs into the shadow copy
   input  logic signed [{= ctx.b - 1 =}:0]   weight_i,  // weight, two's complement
-{% if ctx.has_shift %}  input  logic        [{= ctx.sw - 1 =}:0]   shift_i,   // left shift of the product
+{% if ctx.has_shift %}  input  logic        [{= ctx.sw - 1 =}:0]   shift_i,   // left shift applied after ReCoN
+{% endif %}{% if ctx.has_pairs %}  input  logic                    hi_i,      // the weight is an outlier's upper significand half
 {% endif %}  input  logic                    swap_i,    // make the shadow copy active
   input  logic signed [{= ctx.a - 1 =}:0]   act_i,     // activation of this PE row
-  output logic signed [{= ctx.pw - 1 =}:0]  prod_o     // weight * activation{% if ctx.has_shift %}, shifted{% endif %}
+{% if ctx.has_shift %}  output logic        [{= ctx.sw - 1 =}:0]   shift_o,   // active shift
+{% endif %}  output logic signed [{= ctx.pw - 1 =}:0]  prod_o     // weight * activation{% if ctx.has_pairs %}, pre-shifted when hi{% endif %}
 );
 
   logic signed [{= ctx.b - 1 =}:0] weight_shadow_q, weight_q;
 {% if ctx.has_shift %}  logic        [{= ctx.sw - 1 =}:0] shift_shadow_q, shift_q;
+{% endif %}{% if ctx.has_pairs %}  logic hi_shadow_q, hi_q;
 {% endif %}
   always_ff @(posedge clk_i or negedge rst_ni) begin
     if (!rst_ni) begin
@@ -23,14 +28,18 @@ module msq_pe (
       weight_q        <= '0;
 {% if ctx.has_shift %}      shift_shadow_q  <= '0;
       shift_q         <= '0;
+{% endif %}{% if ctx.has_pairs %}      hi_shadow_q     <= 1'b0;
+      hi_q            <= 1'b0;
 {% endif %}    end else begin
       if (load_i) begin
         weight_shadow_q <= weight_i;
 {% if ctx.has_shift %}        shift_shadow_q  <= shift_i;
+{% endif %}{% if ctx.has_pairs %}        hi_shadow_q     <= hi_i;
 {% endif %}      end
       if (swap_i) begin
         weight_q <= weight_shadow_q;
 {% if ctx.has_shift %}        shift_q  <= shift_shadow_q;
+{% endif %}{% if ctx.has_pairs %}        hi_q     <= hi_shadow_q;
 {% endif %}      end
     end
   end
@@ -41,13 +50,12 @@ module msq_pe (
   assign weight_ext = {{{= ctx.mw - ctx.b =}{weight_q[{= ctx.b - 1 =}]}}, weight_q};
   assign act_ext    = {{{= ctx.mw - ctx.a =}{act_i[{= ctx.a - 1 =}]}}, act_i};
   assign mul        = weight_ext * act_ext;
-{% if ctx.pw > ctx.mw %}
+{% if ctx.has_pairs %}
   logic signed [{= ctx.pw - 1 =}:0] mul_ext;
-  assign mul_ext = {{{= ctx.pw - ctx.mw =}{mul[{= ctx.mw - 1 =}]}}, mul};
-  assign prod_o  = mul_ext <<< shift_q;
-{% else if ctx.has_shift %}
-  // The shifted product still fits the product width.
-  assign prod_o = mul <<< shift_q;
+  assign mul_ext = {= ctx.sext("mul", ctx.mw, ctx.pw) =};
+  assign prod_o  = hi_q ? (mul_ext <<< {= ctx.lo_bits =}) : mul_ext;
 {% else %}
-  assign prod_o = mul;
-{% endif %}endmodule
+  assign prod_o = {= ctx.sext("mul", ctx.mw, ctx.pw) =};
+{% endif %}{% if ctx.has_shift %}  assign shift_o = shift_q;
+{% endif %}
+endmodule

@@ -31,7 +31,7 @@ module msq_top (
   logic [{= ctx.ubr - 1 =}:0] flags, ublock_sel;
   logic [{= ctx.cols * ctx.b - 1 =}:0] buf_slots;
 {% if ctx.has_micro %}  logic [{= ctx.ubr * ctx.u - 1 =}:0] row_micro, buf_micro;
-{% endif %}  logic [{= ctx.m - 1 =}:0] pair_we;
+{% endif %}  logic [{= ctx.m - 1 =}:0] pair_we, pair_hi;
   logic [{= ctx.m * ctx.b - 1 =}:0] pair_weight;
   logic [{= ctx.m * ctx.sw - 1 =}:0] pair_shift;
   logic [{= ctx.cmd_bits - 1 =}:0] pair_cmd;
@@ -76,6 +76,7 @@ module msq_top (
 {% endif %}    .ublock_sel_i    (ublock_sel),
     .pair_i          (pair_i),
     .pair_we_o       (pair_we),
+    .pair_hi_o       (pair_hi),
     .pair_weight_o   (pair_weight),
     .pair_shift_o    (pair_shift),
     .pair_cmd_o      (pair_cmd)
@@ -94,6 +95,7 @@ module msq_top (
 {% endif %}{% if ctx.has_pairs %}    .pair_load_i     (pair_load),
     .ublock_sel_i    (ublock_sel),
     .pair_we_i       (pair_we),
+    .pair_hi_i       (pair_hi),
     .pair_weight_i   (pair_weight),
     .pair_shift_i    (pair_shift),
     .pair_cmd_i      (pair_cmd),
