@@ -6,6 +6,7 @@ module msq_tb;
 
   localparam int ROW_DEPTH = {= tb.row_depth =};
 {% if ctx.has_pairs %}  localparam int PAIR_DEPTH = {= tb.pair_depth =};
+{% endif %}{% if ctx.has_sharing %}  localparam int HDR_DEPTH = {= tb.hdr_depth =};
 {% endif %}  localparam int ACT_DEPTH = {= tb.act_depth =};
   localparam int MAX_CYCLES = {= tb.max_cycles =};
 
@@ -16,6 +17,9 @@ module msq_tb;
 
   logic [{= ctx.rww - 1 =}:0] row_mem [ROW_DEPTH];
 {% if ctx.has_pairs %}  logic [{= ctx.pew - 1 =}:0] pair_mem [PAIR_DEPTH];
+{% endif %}{% if ctx.has_sharing %}  logic [{= ctx.swap_bits =}:0] hdr_mem [HDR_DEPTH];
+  logic [{= ctx.aw - 1 =}:0] hdr_addr;
+  logic [{= ctx.swap_bits =}:0] hdr_word;
 {% endif %}  logic [{= ctx.rows * ctx.a - 1 =}:0] act_mem [ACT_DEPTH];
 
   logic [{= ctx.aw - 1 =}:0] row_addr, act_addr;
@@ -31,6 +35,7 @@ module msq_tb;
     row_word <= ({= ctx.aw =}'(ROW_DEPTH) > row_addr) ? row_mem[row_addr[{= tb.row_index_bits - 1 =}:0]] : '0;
     act_word <= ({= ctx.aw =}'(ACT_DEPTH) > act_addr) ? act_mem[act_addr[{= tb.act_index_bits - 1 =}:0]] : '0;
 {% if ctx.has_pairs %}    pair_word <= ({= ctx.aw =}'(PAIR_DEPTH) > pair_addr) ? pair_mem[pair_addr[{= tb.pair_index_bits - 1 =}:0]] : '0;
+{% endif %}{% if ctx.has_sharing %}    hdr_word <= ({= ctx.aw =}'(HDR_DEPTH) > hdr_addr) ? hdr_mem[hdr_addr[{= tb.hdr_index_bits - 1 =}:0]] : '0;
 {% endif %}  end
 
   msq_top u_dut (
@@ -44,6 +49,8 @@ module msq_tb;
     .row_word_i  (row_word),
 {% if ctx.has_pairs %}    .pair_addr_o (pair_addr),
     .pair_i      (pair_word),
+{% endif %}{% if ctx.has_sharing %}    .hdr_addr_o  (hdr_addr),
+    .hdr_i       (hdr_word),
 {% endif %}    .act_addr_o  (act_addr),
     .act_i       (act_word),
     .out_valid_o (out_valid),
@@ -58,7 +65,8 @@ module msq_tb;
     $readmemh("rows.hex", row_mem);
 {% if ctx.has_pairs %}{% if tb.pair_entries > 0 %}    $readmemh("pairs.hex", pair_mem);
 {% else %}    pair_mem[0] = '0;
-{% endif %}{% endif %}    $readmemh("acts.hex", act_mem);
+{% endif %}{% endif %}{% if ctx.has_sharing %}    $readmemh("headers.hex", hdr_mem);
+{% endif %}    $readmemh("acts.hex", act_mem);
     fd = $fopen("outputs.txt", "w");
     repeat (3) @(negedge clk);
     rst_n = 1'b1;

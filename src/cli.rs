@@ -98,6 +98,9 @@ pub struct ConfigArgs {
     /// Rounding rule of every encoder.
     #[arg(long, value_enum)]
     pub rounding: Option<RoundingArg>,
+    /// PE rows with a ReCoN (default: every row).
+    #[arg(long)]
+    pub recon_rows: Option<u32>,
 }
 
 /// Rounding rule names on the command line.
@@ -126,6 +129,7 @@ impl ConfigArgs {
                 RoundingArg::NearestEven => Rounding::NearestEven,
                 RoundingArg::NearestAway => Rounding::NearestAway,
             }),
+            recon_rows: self.recon_rows,
         });
         config.resolve().map_err(|e| e.to_string())
     }
@@ -279,6 +283,7 @@ struct Manifest {
     shape: [usize; 2],
     padded_shape: [usize; 2],
     tiles: [usize; 2],
+    passes: usize,
     vectors: usize,
     seed: u64,
     row_word_bits: u32,
@@ -309,6 +314,9 @@ fn quantize(args: QuantizeArgs) -> Result<i32, String> {
     if !image.pair_words.is_empty() {
         files.push("pairs.hex");
     }
+    if !image.header_words.is_empty() {
+        files.push("headers.hex");
+    }
     let manifest = Manifest {
         format_version: image::FORMAT_VERSION,
         generator_version: generator::VERSION,
@@ -318,13 +326,14 @@ fn quantize(args: QuantizeArgs) -> Result<i32, String> {
         shape: [weights.rows, weights.cols],
         padded_shape: [layer.n_pad, layer.k_pad],
         tiles: [image.n_tiles, image.k_tiles],
+        passes: image.tiles(),
         vectors: image.vectors,
         seed: args.seed,
         row_word_bits: r.row_word_bits,
         pair_entry_bits: r.pair_entry_bits,
         acc_width: r.acc_width,
-        ebw: image::effective_bit_width(&layer, &r),
-        weight_image_bits: image::weight_image_bits(&layer, &r),
+        ebw: image::effective_bit_width(&layer, &r, &image),
+        weight_image_bits: image::weight_image_bits(&layer, &r, &image),
         cycles_predicted: prediction.cycles,
         stats: layer.stats.clone(),
         files,
@@ -417,15 +426,22 @@ fn read_image_dir(dir: &Path) -> Result<(Resolved, image::Image, golden::Predict
         }
         image::parse_hex_lines(&read(name)?, width as usize, &dir.join(name).display().to_string())
     };
+    let row_words = parse("rows.hex", r.row_word_bits)?;
+    let header_words = parse("headers.hex", r.header_bits)?;
+    let k_tiles = field("tiles", Some(1))?;
+    let passes = image::passes_from_headers(&r, row_words.len() / r.rows, &header_words, k_tiles);
     let image = image::Image {
         n_tiles: field("tiles", Some(0))?,
-        k_tiles: field("tiles", Some(1))?,
+        k_tiles,
         vectors: field("vectors", None)?,
-        row_words: parse("rows.hex", r.row_word_bits)?,
+        passes,
+        row_words,
         pair_words: parse("pairs.hex", r.pair_entry_bits)?,
+        header_words,
         act_words: parse("acts.hex", r.rows as u32 * r.a)?,
     };
-    if image.row_words.len() != image.tiles() * r.rows || image.act_words.len() != image.k_tiles * image.vectors {
+    let headers_ok = !r.has_sharing || image.header_words.len() == image.tiles();
+    if image.row_words.len() % r.rows != 0 || !headers_ok || image.act_words.len() != image.k_tiles * image.vectors {
         return Err(format!("{}: the hex files do not match the shapes in manifest.json; quantize again", dir.display()));
     }
     let prediction = golden::predict(&r, &image);

@@ -23,6 +23,11 @@ pub struct ArrayConfig {
     /// Width of the memory addresses and of the tile and vector counters.
     #[serde(default = "default_address_bits")]
     pub address_bits: u32,
+    /// PE rows that have a ReCoN (the first `recon_rows` rows); defaults to every row. With
+    /// fewer, each tile's input channels are permuted so that rows with outlier pairs land on
+    /// ReCoN rows, and a tile with more such rows runs in several passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recon_rows: Option<u32>,
 }
 
 fn default_address_bits() -> u32 {
@@ -98,6 +103,7 @@ pub struct Overrides {
     pub max_pairs: Option<u32>,
     pub k_sigma: Option<f64>,
     pub rounding: Option<Rounding>,
+    pub recon_rows: Option<u32>,
 }
 
 /// An invalid configuration: names the parameter, the value and the legal range.
@@ -139,6 +145,9 @@ impl Config {
     pub fn apply(&mut self, o: &Overrides) {
         if let Some(v) = o.rows {
             self.array.rows = v;
+        }
+        if let Some(v) = o.recon_rows {
+            self.array.recon_rows = Some(v);
         }
         if let Some(v) = o.cols {
             self.array.cols = v;
@@ -250,6 +259,12 @@ pub struct Resolved {
     pub pair_count_bits: u32,
     /// Width of a pair entry (0 when `max_pairs` is 0).
     pub pair_entry_bits: u32,
+    /// PE rows with a ReCoN (the first ones).
+    pub recon_rows: usize,
+    /// True when fewer rows than all have a ReCoN, so tiles carry a permutation header.
+    pub has_sharing: bool,
+    /// Width of a tile header word (0 without sharing).
+    pub header_bits: u32,
     /// Configuration hash: 16 hex digits.
     pub hash: String,
 }
@@ -268,6 +283,8 @@ impl Resolved {
         }
         check_range("act_bits", f.act_bits, 2, 16)?;
         check_range("address_bits", config.array.address_bits, 4, 32)?;
+        let recon_rows = config.array.recon_rows.unwrap_or(config.array.rows);
+        check_range("recon_rows", recon_rows, 1, config.array.rows)?;
         if !f.ublock.is_power_of_two() || f.ublock > 32 {
             return Err(invalid(format!(
                 "invalid ublock = {}: the micro-block size must be a power of two from 1 to 32",
@@ -405,7 +422,15 @@ impl Resolved {
             0
         };
 
+        let has_sharing = max_pairs > 0 && recon_rows < config.array.rows;
+        let header_bits = if has_sharing {
+            1 + recon_rows * (1 + index_bits(config.array.rows as u64))
+        } else {
+            0
+        };
+
         // Record the defaults that were filled in, so the hash names the whole configuration.
+        config.array.recon_rows = Some(recon_rows);
         config.format.mab_rows = Some(mab_rows);
         config.format.outlier_format = outlier_kind;
         let canonical = toml::to_string(&config).expect("configuration serialises");
@@ -441,6 +466,9 @@ impl Resolved {
             row_word_bits,
             pair_count_bits,
             pair_entry_bits,
+            recon_rows: recon_rows as usize,
+            has_sharing,
+            header_bits,
             hash,
             config,
         })

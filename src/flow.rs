@@ -71,30 +71,36 @@ pub fn check_image_dequantization(layer: &QuantizedLayer, r: &Resolved, image: &
 /// times the activations, in integer arithmetic at the tile column's exponent.
 pub fn check_golden_against_gemm(layer: &QuantizedLayer, r: &Resolved, image: &Image, prediction: &Prediction, vectors: &[Vec<i64>]) -> Result<(), String> {
     let ub_per_k = layer.n_pad / r.m;
-    for t in 0..image.tiles() {
-        let nt = t / image.k_tiles;
-        let kt = t % image.k_tiles;
-        for (v, x) in vectors.iter().enumerate() {
-            for c in 0..r.cols {
-                let n = nt * r.cols + c;
-                let k0 = kt * r.rows;
-                let base = layer.bases[(k0 / r.mab_rows) * ub_per_k + n / r.m];
-                let exp = r.column_exponent(base.exponent().expect("finite base"));
-                let mut exact: i128 = 0;
-                for k in k0..k0 + r.rows {
-                    if n >= layer.n_out || k >= layer.k_in {
-                        continue;
-                    }
-                    let w = layer.dequant[n * layer.k_in + k] * pow2(-exp);
-                    if w.fract() != 0.0 || w.abs() >= 2f64.powi(100) {
-                        return Err(format!("weight [{n}, {k}] = {w} units of 2^{exp} is not an integer"));
-                    }
-                    exact += w as i128 * x[k] as i128;
+    // Passes of one tile add up, so the golden sums are compared per tile.
+    let mut sums: std::collections::BTreeMap<(usize, usize, usize), Vec<i128>> = std::collections::BTreeMap::new();
+    for (t, pass) in image.passes.iter().enumerate() {
+        for v in 0..vectors.len() {
+            let entry = sums.entry((pass.n_tile, pass.k_tile, v)).or_insert_with(|| vec![0; r.cols]);
+            for (c, value) in prediction.outputs[t * vectors.len() + v].iter().enumerate() {
+                entry[c] += value;
+            }
+        }
+    }
+    for ((nt, kt, v), got) in &sums {
+        let x = &vectors[*v];
+        for (c, &got) in got.iter().enumerate() {
+            let n = nt * r.cols + c;
+            let k0 = kt * r.rows;
+            let base = layer.bases[(k0 / r.mab_rows) * ub_per_k + n / r.m];
+            let exp = r.column_exponent(base.exponent().expect("finite base"));
+            let mut exact: i128 = 0;
+            for k in k0..k0 + r.rows {
+                if n >= layer.n_out || k >= layer.k_in {
+                    continue;
                 }
-                let got = prediction.outputs[t * vectors.len() + v][c];
-                if got != exact {
-                    return Err(format!("golden tile {t} vector {v} column {c} is {got}, exact GEMM gives {exact}"));
+                let w = layer.dequant[n * layer.k_in + k] * pow2(-exp);
+                if w.fract() != 0.0 || w.abs() >= 2f64.powi(100) {
+                    return Err(format!("weight [{n}, {k}] = {w} units of 2^{exp} is not an integer"));
                 }
+                exact += w as i128 * x[k] as i128;
+            }
+            if got != exact {
+                return Err(format!("golden tile ({nt}, {kt}) vector {v} column {c} is {got}, exact GEMM gives {exact}"));
             }
         }
     }
@@ -158,7 +164,7 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         config_hash: r.hash.clone(),
         tensor: weights.name.clone(),
         shape: [weights.rows, weights.cols],
-        ebw: image::effective_bit_width(&layer, r),
+        ebw: image::effective_bit_width(&layer, r, &image),
         outliers: layer.stats.outliers,
         pruned: layer.stats.pruned,
         demoted: layer.stats.demoted,

@@ -94,6 +94,14 @@ pub struct RtlContext {
     pub cmd_lo: i64,
     pub has_shift: bool,
     pub has_pairs: bool,
+    /// Fewer rows than all have a ReCoN: passes carry a header that permutes activations.
+    pub has_sharing: bool,
+    /// PE rows with a ReCoN (all rows without sharing).
+    pub recon_rows: i64,
+    /// Bits of a PE row index.
+    pub rib: i64,
+    /// Bits of the swap fields of a header (the header without its first bit).
+    pub swap_bits: i64,
     pub has_micro: bool,
     pub outlier_name: String,
     pub switches: Vec<SwitchSite>,
@@ -180,6 +188,10 @@ impl RtlContext {
             cmd_lo,
             has_shift: r.max_shift > 0,
             has_pairs: r.max_pairs > 0,
+            has_sharing: r.has_sharing,
+            recon_rows: if r.max_pairs > 0 { r.recon_rows as i64 } else { 0 },
+            rib: index_bits(r.rows as u64) as i64,
+            swap_bits: (r.header_bits as i64 - 1).max(0),
             has_micro: r.micro_exp_bits > 0,
             outlier_name,
             switches,
@@ -225,6 +237,8 @@ pub struct TestbenchParams {
     pub pair_depth: usize,
     pub pair_entries: usize,
     pub act_depth: usize,
+    pub hdr_depth: usize,
+    pub hdr_index_bits: u32,
     pub row_index_bits: u32,
     pub pair_index_bits: u32,
     pub act_index_bits: u32,

@@ -119,7 +119,7 @@ pub fn tile_output(r: &Resolved, tile: &TileState, acts: &[i64]) -> Vec<i128> {
                 let pre_shift = if pe.hi { r.lo_bits } else { 0 };
                 *value = (pe.weight as i128 * acts[row] as i128) << pre_shift;
             }
-            if r.max_pairs > 0 {
+            if r.max_pairs > 0 && row < r.recon_rows {
                 recon::apply(&tile.commands[row * r.ublocks_per_row() + j], &mut lanes, 0, |a, b| a + b);
             }
             for (lane, value) in lanes.iter().enumerate() {
@@ -131,53 +131,107 @@ pub fn tile_output(r: &Resolved, tile: &TileState, acts: &[i64]) -> Vec<i128> {
     sums
 }
 
+/// Activation routing of one pass, read from its header word.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassRouting {
+    /// Element of the activation word that each PE row receives.
+    pub sources: Vec<usize>,
+    /// The pass reuses the previous pass's activations.
+    pub same_acts: bool,
+}
+
+/// Decodes a header word (identity routing when there is none).
+pub fn decode_header(r: &Resolved, header: Option<&BitWord>) -> PassRouting {
+    let mut sources: Vec<usize> = (0..r.rows).collect();
+    let Some(word) = header else {
+        return PassRouting { sources, same_acts: false };
+    };
+    let index_bits = crate::bits::index_bits(r.rows as u64) as usize;
+    for i in 0..r.recon_rows {
+        let lo = 1 + i * (1 + index_bits);
+        if word.get(lo, 1) == 1 {
+            let other = word.get(lo + 1, index_bits) as usize;
+            if other < r.rows {
+                sources[i] = other;
+                sources[other] = i;
+            }
+        }
+    }
+    PassRouting { sources, same_acts: word.get(0, 1) == 1 }
+}
+
 /// Predicted outputs and cycle count of one layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
-    /// `outputs[t * vectors + v][c]`: column sums of tile t for vector v.
+    /// `outputs[t * vectors + v][c]`: column sums of pass t for vector v.
     pub outputs: Vec<Vec<i128>>,
     pub cycles: u64,
-    /// Pair entries per tile.
+    /// Pair entries per pass.
     pub flagged_per_tile: Vec<usize>,
+    /// Row tile whose activations each pass reads.
+    pub k_tile_of_pass: Vec<usize>,
+}
+
+/// Row tile of every pass, as the controller steps through the activations: the next row
+/// tile (wrapping after `k_tiles`) unless the pass reuses the previous activations.
+pub fn k_tiles_of_passes(routings: &[PassRouting], k_tiles: usize) -> Vec<usize> {
+    let mut k_tile = 0;
+    routings
+        .iter()
+        .enumerate()
+        .map(|(t, routing)| {
+            if t > 0 && !routing.same_acts {
+                k_tile = (k_tile + 1) % k_tiles;
+            }
+            k_tile
+        })
+        .collect()
 }
 
 /// Runs the golden model on an image.
 pub fn predict(r: &Resolved, image: &Image) -> Prediction {
-    let tiles = image.tiles();
+    let passes = image.row_words.len() / r.rows;
+    let routings: Vec<PassRouting> = (0..passes).map(|t| decode_header(r, image.header_words.get(t))).collect();
+    let k_tile_of_pass = k_tiles_of_passes(&routings, image.k_tiles);
     let mut pairs = image.pair_words.iter();
-    let mut outputs = Vec::with_capacity(tiles * image.vectors);
-    let mut flagged_per_tile = Vec::with_capacity(tiles);
-    for t in 0..tiles {
+    let mut outputs = Vec::with_capacity(passes * image.vectors);
+    let mut flagged_per_tile = Vec::with_capacity(passes);
+    for t in 0..passes {
         let tile = decode_tile(r, &image.row_words[t * r.rows..(t + 1) * r.rows], &mut pairs);
         flagged_per_tile.push(tile.flagged);
-        let kt = t % image.k_tiles;
+        let kt = k_tile_of_pass[t];
         for v in 0..image.vectors {
             let word = &image.act_words[kt * image.vectors + v];
-            let acts: Vec<i64> = (0..r.rows)
-                .map(|row| sign_extend(word.get(row * r.a as usize, r.a as usize) as u128, r.a) as i64)
-                .collect();
+            let element = |row: usize| sign_extend(word.get(row * r.a as usize, r.a as usize) as u128, r.a) as i64;
+            let acts: Vec<i64> = routings[t].sources.iter().map(|&source| element(source)).collect();
             outputs.push(tile_output(r, &tile, &acts));
         }
     }
-    let cycles = predict_cycles(r.rows as u64, image.vectors as u64, &flagged_per_tile);
-    Prediction { outputs, cycles, flagged_per_tile }
+    let header_reads = u64::from(r.has_sharing);
+    let cycles = predict_cycles_with_rows(r.rows as u64 + header_reads, r.rows as u64, image.vectors as u64, &flagged_per_tile);
+    Prediction { outputs, cycles, flagged_per_tile, k_tile_of_pass }
 }
 
 /// Cycle count of the controller from the start pulse (cycle 0) to the first cycle with
-/// `done_o` high.
+/// `done_o` high, for `reads` fixed reads per pass (R row words, plus a header with shared
+/// ReCoN rows) and R = `reads` minus the header.
 ///
-/// Tile 0's load starts reading in cycle 2 and tile t's in the cycle after tile t-1 started
-/// computing. A load reads one word per cycle: R row words plus F_t pair entries, and the
-/// tile is ready two cycles after its last read. A tile starts computing when it is ready and
-/// the previous tile has issued its V vectors. The last vector leaves the array R + 1 cycles
-/// after it was read, and `done_o` rises one cycle later.
-pub fn predict_cycles(rows: u64, vectors: u64, flagged_per_tile: &[usize]) -> u64 {
+/// Pass 0's load starts reading in cycle 2 and pass t's in the cycle after pass t-1 started
+/// computing. A load reads one word per cycle: the fixed reads plus F_t pair entries, and the
+/// pass is ready two cycles after its last read. A pass starts computing when it is ready and
+/// the previous pass has issued its V vectors. The last vector's column sums leave the array
+/// R + 2 cycles after its read was issued, and `done_o` rises one cycle later.
+pub fn predict_cycles(reads: u64, vectors: u64, flagged_per_tile: &[usize]) -> u64 {
+    predict_cycles_with_rows(reads, reads, vectors, flagged_per_tile)
+}
+
+fn predict_cycles_with_rows(reads: u64, rows: u64, vectors: u64, flagged_per_tile: &[usize]) -> u64 {
     let Some((&first, rest)) = flagged_per_tile.split_first() else {
         return 1;
     };
-    let mut start = rows + first as u64 + 3;
+    let mut start = reads + first as u64 + 3;
     for &flagged in rest {
-        start = (start + vectors).max(start + rows + flagged as u64 + 2);
+        start = (start + vectors).max(start + reads + flagged as u64 + 2);
     }
     start + vectors + rows + 2
 }
@@ -189,29 +243,33 @@ pub fn output_exponent(r: &Resolved, base: i32) -> i32 {
 }
 
 /// Dequantizes a weight image through the decode path: the weight of input channel k and
-/// output channel n is the tile's column-n output for a unit activation on k, scaled by the
-/// tile column's exponent. Returns `[n_pad][k_pad]`.
+/// output channel n is the sum, over the passes of its tile, of the column-n output for a unit
+/// activation on k, scaled by the tile column's exponent. Returns `[n_pad][k_pad]`.
 pub fn dequantize(r: &Resolved, image: &Image, bases: &[crate::formats::E8m0]) -> Vec<f64> {
     let n_pad = image.n_tiles * r.cols;
     let k_pad = image.k_tiles * r.rows;
     let ub_per_k = n_pad / r.m;
     let mut out = vec![0.0; n_pad * k_pad];
+    let passes = image.row_words.len() / r.rows;
+    let routings: Vec<PassRouting> = (0..passes).map(|t| decode_header(r, image.header_words.get(t))).collect();
     let mut pairs = image.pair_words.iter();
-    for nt in 0..image.n_tiles {
-        for kt in 0..image.k_tiles {
-            let t = nt * image.k_tiles + kt;
-            let tile = decode_tile(r, &image.row_words[t * r.rows..(t + 1) * r.rows], &mut pairs);
-            for row in 0..r.rows {
-                let mut unit = vec![0i64; r.rows];
-                unit[row] = 1;
-                let sums = tile_output(r, &tile, &unit);
-                let k = kt * r.rows + row;
-                for (c, &sum) in sums.iter().enumerate() {
-                    let n = nt * r.cols + c;
-                    let base = bases[(k / r.mab_rows) * ub_per_k + n / r.m];
-                    let exp = output_exponent(r, base.exponent().expect("finite base"));
-                    out[n * k_pad + k] = sum as f64 * crate::formats::pow2(exp);
-                }
+    let mut logical = 0usize;
+    for t in 0..passes {
+        if t > 0 && !routings[t].same_acts {
+            logical += 1;
+        }
+        let nt = logical / image.k_tiles;
+        let kt = logical % image.k_tiles;
+        let tile = decode_tile(r, &image.row_words[t * r.rows..(t + 1) * r.rows], &mut pairs);
+        for channel in 0..r.rows {
+            let acts: Vec<i64> = routings[t].sources.iter().map(|&source| i64::from(source == channel)).collect();
+            let sums = tile_output(r, &tile, &acts);
+            let k = kt * r.rows + channel;
+            for (c, &sum) in sums.iter().enumerate() {
+                let n = nt * r.cols + c;
+                let base = bases[(k / r.mab_rows) * ub_per_k + n / r.m];
+                let exp = output_exponent(r, base.exponent().expect("finite base"));
+                out[n * k_pad + k] += sum as f64 * crate::formats::pow2(exp);
             }
         }
     }

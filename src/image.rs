@@ -1,15 +1,20 @@
 //! Packed memory images: the exact words the RTL reads, their hex files and the manifest.
 //!
-//! Tiles are numbered column tile first, row tile second: tile t = n_tile * k_tiles + k_tile,
-//! so the tiles that add into one group of output columns run back to back.
+//! Tiles run column tile first, row tile second (tile n_tile * k_tiles + k_tile), so the tiles
+//! that add into one group of output columns run back to back. When fewer PE rows than all
+//! have a ReCoN, a tile may run in several passes (see [`plan_passes`]); every word below is
+//! then per pass, in pass order.
 //!
-//! - Row words, one per (tile, PE row): slot c at bits [c*b, (c+1)*b), then the metadata of
+//! - Row words, one per (pass, PE row), in PE row order: slot c at bits [c*b, (c+1)*b), then the metadata of
 //!   each micro-block j at bit cols*b + j*meta. The metadata is a flag, set when the
 //!   micro-block has pairs and present only when pairs are allowed, then the micro-exponent d
 //!   (u bits).
 //! - Pair entries, one per flagged micro-block in (tile, row, micro-block) order: pair count,
 //!   outlier offset code, `max_pairs` lane pairs (o then p, log2 M bits each; unused pairs are
 //!   zero), then the ReCoN commands, 2 bits per switch, stage-major.
+//! - Header words, one per pass, only when ReCoN rows are shared: bit 0 set when the pass
+//!   reuses the previous pass's activations, then per ReCoN row i a valid bit and the PE row
+//!   whose activation row i swaps with (index bits of rows).
 //! - Activation words, one per (row tile, vector): element r at bits [r*A, (r+1)*A), two's
 //!   complement.
 
@@ -22,7 +27,20 @@ use crate::config::Resolved;
 use crate::quantizer::QuantizedLayer;
 
 /// Version of the image layout described above; bump it on any change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// One pass of the array over a tile: the logical tile and the input channel of each PE row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TilePass {
+    pub n_tile: usize,
+    pub k_tile: usize,
+    /// Input channel (0..rows, inside the row tile) of each PE row; `None` for a zero row.
+    pub sources: Vec<Option<usize>>,
+    /// For each ReCoN row i, the row it swaps activations with, if any.
+    pub swaps: Vec<Option<usize>>,
+    /// The pass reuses the previous pass's activations (a second or later pass of a tile).
+    pub same_acts: bool,
+}
 
 /// The words of one layer's weight image and one batch of activations.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,54 +51,160 @@ pub struct Image {
     pub n_tiles: usize,
     /// Activation vectors per tile.
     pub vectors: usize,
+    /// Passes in execution order; one per tile unless ReCoN rows are shared.
+    pub passes: Vec<TilePass>,
     pub row_words: Vec<BitWord>,
     pub pair_words: Vec<BitWord>,
+    /// One header per pass when ReCoN rows are shared, empty otherwise.
+    pub header_words: Vec<BitWord>,
     pub act_words: Vec<BitWord>,
 }
 
 impl Image {
-    /// Total tiles.
+    /// Passes the array runs (tiles, plus extra passes of split tiles).
     pub fn tiles(&self) -> usize {
-        self.k_tiles * self.n_tiles
+        self.passes.len()
     }
 }
 
-/// Packs the weights of `layer` into row words and pair entries.
-pub fn pack_weights(layer: &QuantizedLayer, r: &Resolved) -> (Vec<BitWord>, Vec<BitWord>) {
+/// Plans the passes of tile (n_tile, k_tile): which channel each PE row holds.
+///
+/// Without sharing every row holds its own channel. With `recon_rows` < rows, the channels
+/// whose micro-blocks hold pairs ("flagged") must sit on ReCoN rows: a flagged channel that
+/// is not on one swaps rows with an unflagged ReCoN row's channel. A tile with more flagged
+/// channels than ReCoN rows runs again: each later pass holds only the next flagged channels
+/// and zero rows elsewhere, and reuses the same activations.
+pub fn plan_passes(layer: &QuantizedLayer, r: &Resolved, n_tile: usize, k_tile: usize) -> Vec<TilePass> {
+    let identity = TilePass {
+        n_tile,
+        k_tile,
+        sources: (0..r.rows).map(Some).collect(),
+        swaps: vec![None; if r.has_sharing { r.recon_rows } else { 0 }],
+        same_acts: false,
+    };
+    if !r.has_sharing {
+        return vec![identity];
+    }
+    let ub_row = r.ublocks_per_row();
+    let flagged: Vec<usize> = (0..r.rows)
+        .filter(|&row| {
+            let k = k_tile * r.rows + row;
+            (0..ub_row).any(|j| layer.pair_block(k, n_tile * ub_row + j, r.m).is_some())
+        })
+        .collect();
+    if flagged.is_empty() {
+        return vec![identity];
+    }
+    let mut passes = Vec::new();
+    for (index, chunk) in flagged.chunks(r.recon_rows).enumerate() {
+        let included = |channel: usize| {
+            if chunk.contains(&channel) {
+                true
+            } else {
+                index == 0 && !flagged.contains(&channel)
+            }
+        };
+        let mut sources: Vec<Option<usize>> = (0..r.rows).map(|row| included(row).then_some(row)).collect();
+        let mut swaps = vec![None; r.recon_rows];
+        let mut free = (0..r.recon_rows).filter(|row| !chunk.contains(row));
+        for &channel in chunk.iter().filter(|&&c| c >= r.recon_rows) {
+            let row = free.next().expect("a chunk never holds more channels than ReCoN rows");
+            swaps[row] = Some(channel);
+            sources[row] = Some(channel);
+            sources[channel] = included(row).then_some(row);
+        }
+        passes.push(TilePass { n_tile, k_tile, sources, swaps, same_acts: index > 0 });
+    }
+    passes
+}
+
+/// Rebuilds the pass list of an image read back from its hex files: a pass that does not
+/// reuse the previous activations starts the next tile. Zero rows cannot be told apart from
+/// rows of zero weights, so every row is reported with its routed channel.
+pub fn passes_from_headers(r: &Resolved, passes: usize, headers: &[BitWord], k_tiles: usize) -> Vec<TilePass> {
+    let mut logical = 0usize;
+    (0..passes)
+        .map(|t| {
+            let routing = crate::golden::decode_header(r, headers.get(t));
+            if t > 0 && !routing.same_acts {
+                logical += 1;
+            }
+            let swaps = (0..if r.has_sharing { r.recon_rows } else { 0 })
+                .map(|i| (routing.sources[i] != i).then_some(routing.sources[i]))
+                .collect();
+            TilePass {
+                n_tile: logical / k_tiles.max(1),
+                k_tile: logical % k_tiles.max(1),
+                sources: routing.sources.iter().map(|&s| Some(s)).collect(),
+                swaps,
+                same_acts: routing.same_acts,
+            }
+        })
+        .collect()
+}
+
+/// Packs the header word of a pass: bit 0 = reuse the previous activations, then per ReCoN
+/// row a valid bit and the row it swaps with.
+pub fn pack_header(pass: &TilePass, r: &Resolved) -> BitWord {
+    let mut word = BitWord::zero(r.header_bits as usize);
+    word.set(0, 1, u64::from(pass.same_acts));
+    let index_bits = crate::bits::index_bits(r.rows as u64) as usize;
+    for (i, swap) in pass.swaps.iter().enumerate() {
+        if let Some(row) = swap {
+            let lo = 1 + i * (1 + index_bits);
+            word.set(lo, 1, 1);
+            word.set(lo + 1, index_bits, *row as u64);
+        }
+    }
+    word
+}
+
+/// Packs the weights of `layer` into passes, row words, pair entries and headers.
+pub fn pack_weights(layer: &QuantizedLayer, r: &Resolved) -> (Vec<TilePass>, Vec<BitWord>, Vec<BitWord>, Vec<BitWord>) {
     let k_tiles = layer.k_pad / r.rows;
     let n_tiles = layer.n_pad / r.cols;
     let ub_row = r.ublocks_per_row();
     let b = r.b as usize;
     let meta = r.ublock_meta_bits as usize;
     let flag_bits = usize::from(r.max_pairs > 0);
+    let mut passes = Vec::new();
     let mut rows = Vec::with_capacity(k_tiles * n_tiles * r.rows);
     let mut pairs = Vec::new();
+    let mut headers = Vec::new();
     for nt in 0..n_tiles {
         for kt in 0..k_tiles {
-            for row in 0..r.rows {
-                let k = kt * r.rows + row;
-                let mut word = BitWord::zero(r.row_word_bits as usize);
-                for c in 0..r.cols {
-                    let n = nt * r.cols + c;
-                    word.set(c * b, b, layer.slots[k * layer.n_pad + n] as u64);
-                }
-                for j in 0..ub_row {
-                    let ublock = nt * ub_row + j;
-                    let lo = r.cols * b + j * meta;
-                    let d = layer.micro_exps[k * layer.ublocks_per_channel(r.m) + ublock];
-                    if r.micro_exp_bits > 0 {
-                        word.set(lo + flag_bits, r.micro_exp_bits as usize, d as u64);
+            for pass in plan_passes(layer, r, nt, kt) {
+                for source in &pass.sources {
+                    let mut word = BitWord::zero(r.row_word_bits as usize);
+                    if let Some(channel) = source {
+                        let k = kt * r.rows + channel;
+                        for c in 0..r.cols {
+                            let n = nt * r.cols + c;
+                            word.set(c * b, b, layer.slots[k * layer.n_pad + n] as u64);
+                        }
+                        for j in 0..ub_row {
+                            let ublock = nt * ub_row + j;
+                            let lo = r.cols * b + j * meta;
+                            let d = layer.micro_exps[k * layer.ublocks_per_channel(r.m) + ublock];
+                            if r.micro_exp_bits > 0 {
+                                word.set(lo + flag_bits, r.micro_exp_bits as usize, d as u64);
+                            }
+                            if let Some(block) = layer.pair_block(k, ublock, r.m) {
+                                word.set(lo, 1, 1);
+                                pairs.push(pack_pair_entry(block, r));
+                            }
+                        }
                     }
-                    if let Some(block) = layer.pair_block(k, ublock, r.m) {
-                        word.set(lo, 1, 1);
-                        pairs.push(pack_pair_entry(block, r));
-                    }
+                    rows.push(word);
                 }
-                rows.push(word);
+                if r.has_sharing {
+                    headers.push(pack_header(&pass, r));
+                }
+                passes.push(pass);
             }
         }
     }
-    (rows, pairs)
+    (passes, rows, pairs, headers)
 }
 
 fn pack_pair_entry(block: &crate::quantizer::PairBlock, r: &Resolved) -> BitWord {
@@ -122,28 +246,31 @@ pub fn pack_activations(vectors: &[Vec<i64>], k_pad: usize, r: &Resolved) -> Vec
 
 /// Builds the complete image of `layer` with the activation vectors `vectors[v][k]`.
 pub fn build(layer: &QuantizedLayer, r: &Resolved, vectors: &[Vec<i64>]) -> Image {
-    let (row_words, pair_words) = pack_weights(layer, r);
+    let (passes, row_words, pair_words, header_words) = pack_weights(layer, r);
     Image {
         k_tiles: layer.k_pad / r.rows,
         n_tiles: layer.n_pad / r.cols,
         vectors: vectors.len(),
+        passes,
         row_words,
         pair_words,
+        header_words,
         act_words: pack_activations(vectors, layer.k_pad, r),
     }
 }
 
-/// Bits of the weight image: row words, pair entries and base exponents.
-pub fn weight_image_bits(layer: &QuantizedLayer, r: &Resolved) -> u64 {
-    let rows = (layer.k_pad * layer.n_pad / r.cols) as u64 * r.row_word_bits as u64;
-    let pairs = layer.pair_blocks.len() as u64 * r.pair_entry_bits as u64;
+/// Bits of the weight image: row words, pair entries, headers and base exponents.
+pub fn weight_image_bits(layer: &QuantizedLayer, r: &Resolved, image: &Image) -> u64 {
+    let rows = image.row_words.len() as u64 * r.row_word_bits as u64;
+    let pairs = image.pair_words.len() as u64 * r.pair_entry_bits as u64;
+    let headers = image.header_words.len() as u64 * r.header_bits as u64;
     let bases = layer.bases.len() as u64 * 8;
-    rows + pairs + bases
+    rows + pairs + headers + bases
 }
 
 /// Effective bit width: weight image bits per weight of the original tensor.
-pub fn effective_bit_width(layer: &QuantizedLayer, r: &Resolved) -> f64 {
-    weight_image_bits(layer, r) as f64 / (layer.n_out * layer.k_in) as f64
+pub fn effective_bit_width(layer: &QuantizedLayer, r: &Resolved, image: &Image) -> f64 {
+    weight_image_bits(layer, r, image) as f64 / (layer.n_out * layer.k_in) as f64
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
@@ -186,6 +313,9 @@ pub fn write_hex_files(dir: &Path, image: &Image) -> std::io::Result<()> {
     write_atomically(&dir.join("rows.hex"), to_hex_lines(&image.row_words).as_bytes())?;
     if !image.pair_words.is_empty() {
         write_atomically(&dir.join("pairs.hex"), to_hex_lines(&image.pair_words).as_bytes())?;
+    }
+    if !image.header_words.is_empty() {
+        write_atomically(&dir.join("headers.hex"), to_hex_lines(&image.header_words).as_bytes())?;
     }
     write_atomically(&dir.join("acts.hex"), to_hex_lines(&image.act_words).as_bytes())?;
     Ok(())

@@ -83,6 +83,8 @@ pub fn testbench_params(r: &Resolved, image: &Image, predicted_cycles: u64) -> T
         pair_depth: depth(image.pair_words.len()),
         pair_entries: image.pair_words.len(),
         act_depth: depth(image.act_words.len()),
+        hdr_depth: depth(image.header_words.len()),
+        hdr_index_bits: index_bits(depth(image.header_words.len()) as u64).min(r.config.array.address_bits),
         row_index_bits: index_bits(depth(image.row_words.len()) as u64).min(r.config.array.address_bits),
         pair_index_bits: index_bits(depth(image.pair_words.len()) as u64).min(r.config.array.address_bits),
         act_index_bits: index_bits(depth(image.act_words.len()) as u64).min(r.config.array.address_bits),
@@ -133,7 +135,12 @@ pub fn simulate(r: &Resolved, image: &Image, predicted_cycles: u64, options: &Si
         return Err(SimError("nothing to simulate: the image has no tiles or no activation vectors".into()));
     }
     let limit = 1u64 << r.config.array.address_bits;
-    for (what, n) in [("row words", image.row_words.len()), ("pair entries", image.pair_words.len()), ("activation words", image.act_words.len())] {
+    for (what, n) in [
+        ("row words", image.row_words.len()),
+        ("pair entries", image.pair_words.len()),
+        ("pass headers", image.header_words.len()),
+        ("activation words", image.act_words.len()),
+    ] {
         if n as u64 > limit {
             return Err(SimError(format!(
                 "the image has {n} {what}, more than address_bits = {} can address; raise address_bits",

@@ -13,6 +13,9 @@ module msq_array (
   input  logic                 swap_i,           // first vector of a new tile: make shadow weights active
   input  logic                 act_valid_i,      // act_i holds an activation vector
   input  logic [{= ctx.rows * ctx.a - 1 =}:0]   act_i,            // element r at [r*{= ctx.a =} +: {= ctx.a =}], two's complement
+{% if ctx.has_sharing %}  input  logic                 hdr_load_i,       // hdr_swaps_i holds the next pass's activation swaps
+  input  logic [{= ctx.swap_bits - 1 =}:0]   hdr_swaps_i,      // per ReCoN row i at [i*{= 1 + ctx.rib =}]: valid, then the row it swaps with
+{% endif %}
   input  logic                 row_load_i,       // write the inlier decode into row_sel_i's shadow registers
   input  logic [{= ctx.rows - 1 =}:0]   row_sel_i,        // one-hot PE row being loaded
   input  logic [{= ctx.cols * ctx.b - 1 =}:0]   inlier_weight_i,  // weights of the row
@@ -34,6 +37,39 @@ module msq_array (
   logic [{= ctx.rows - 1 =}:0] swap_row;
   logic [{= ctx.rows - 1 =}:0] valid_row_q;
 
+{% if ctx.has_sharing %}
+  // Activation routing of the pass: ReCoN row i takes the element of the row it swaps with, and
+  // that row takes element i. The swaps are double-buffered like the weights and switch when
+  // the pass's first vector enters.
+  logic [{= ctx.swap_bits - 1 =}:0] swaps_shadow_q, swaps_q, swaps_now;
+  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      swaps_shadow_q <= '0;
+      swaps_q        <= '0;
+    end else begin
+      if (hdr_load_i) swaps_shadow_q <= hdr_swaps_i;
+      if (swap_i)     swaps_q        <= swaps_shadow_q;
+    end
+  end
+  assign swaps_now = swap_i ? swaps_shadow_q : swaps_q;
+
+  logic [{= ctx.rows * ctx.a - 1 =}:0] act_routed;
+  always_comb begin
+    act_routed = act_i;
+{% for i in 0..ctx.recon_rows %}    if (swaps_now[{= i * (1 + ctx.rib) =}]) begin
+      for (int e = 0; e < {= ctx.rows =}; e++) begin
+        if (swaps_now[{= i * (1 + ctx.rib) + 1 =} +: {= ctx.rib =}] == {= ctx.rib =}'(e)) begin
+          act_routed[{= i * ctx.a =} +: {= ctx.a =}] = act_i[e*{= ctx.a =} +: {= ctx.a =}];
+          act_routed[e*{= ctx.a =} +: {= ctx.a =}] = act_i[{= i * ctx.a =} +: {= ctx.a =}];
+        end
+      end
+    end
+{% endfor %}  end
+{% else %}
+  // Every row holds its own input channel.
+  logic [{= ctx.rows * ctx.a - 1 =}:0] act_routed;
+  assign act_routed = act_i;
+{% endif %}
   for (genvar r = 0; r < {= ctx.rows =}; r++) begin : g_row
     logic signed [{= ctx.a - 1 =}:0] act_q;
 
@@ -44,7 +80,7 @@ module msq_array (
           act_q          <= '0;
           valid_row_q[0] <= 1'b0;
         end else begin
-          act_q          <= act_i[{= ctx.a - 1 =}:0];
+          act_q          <= act_routed[{= ctx.a - 1 =}:0];
           valid_row_q[0] <= act_valid_i;
         end
       end
@@ -57,12 +93,12 @@ module msq_array (
       if (r == 1) begin : g_one
         always_ff @(posedge clk_i or negedge rst_ni) begin
           if (!rst_ni) delay_q <= '0;
-          else         delay_q <= act_i[r*{= ctx.a =} +: {= ctx.a =}];
+          else         delay_q <= act_routed[r*{= ctx.a =} +: {= ctx.a =}];
         end
       end else begin : g_chain
         always_ff @(posedge clk_i or negedge rst_ni) begin
           if (!rst_ni) delay_q <= '0;
-          else         delay_q <= {delay_q[(r-1)*{= ctx.a =}-1:0], act_i[r*{= ctx.a =} +: {= ctx.a =}]};
+          else         delay_q <= {delay_q[(r-1)*{= ctx.a =}-1:0], act_routed[r*{= ctx.a =} +: {= ctx.a =}]};
         end
       end
       always_ff @(posedge clk_i or negedge rst_ni) begin
@@ -134,6 +170,7 @@ module msq_array (
       end
     end
 {% if ctx.has_pairs %}
+    if (r < {= ctx.recon_rows =}) begin : g_recon_row
     // One ReCoN per micro-block, with double-buffered commands like the weights.
     for (genvar j = 0; j < {= ctx.ubr =}; j++) begin : g_recon
       logic [{= ctx.cmd_bits - 1 =}:0] cmd_shadow_q, cmd_q;
@@ -158,6 +195,10 @@ module msq_array (
         .lanes_i (lane_in[j*{= ctx.m * ctx.lw =} +: {= ctx.m * ctx.lw =}]),
         .lanes_o (lane_out[j*{= ctx.m * ctx.lw =} +: {= ctx.m * ctx.lw =}])
       );
+    end
+    end else begin : g_plain_row
+      // Rows without ReCoN never hold outlier pairs.
+      assign lane_out = lane_in;
     end
 {% else %}
     // Without outlier pairs there is nothing to merge.

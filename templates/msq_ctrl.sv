@@ -14,7 +14,7 @@ module msq_ctrl (
   input  logic                 clk_i,          // clock
   input  logic                 rst_ni,         // asynchronous reset, active low
   input  logic                 start_i,        // pulse: start a layer with the counts below
-  input  logic [{= ctx.aw - 1 =}:0]   tiles_i,        // tiles in the layer (column tiles x row tiles), at least 1
+  input  logic [{= ctx.aw - 1 =}:0]   tiles_i,        // passes in the layer (tiles plus extra passes), at least 1
   input  logic [{= ctx.aw - 1 =}:0]   k_tiles_i,      // tiles along the input channels, at least 1
   input  logic [{= ctx.aw - 1 =}:0]   vectors_i,      // activation vectors per tile, at least 1
   output logic [{= ctx.aw - 1 =}:0]   row_addr_o,     // row-word memory address
@@ -22,6 +22,9 @@ module msq_ctrl (
 {% if ctx.has_micro %}  input  logic [{= ctx.ubr * ctx.u - 1 =}:0]   row_micro_i,    // micro-exponents of that row word
 {% endif %}  output logic [{= ctx.aw - 1 =}:0]   pair_addr_o,    // pair-entry memory address
   input  logic [{= ctx.ubr - 1 =}:0]   flags_i,        // flagged micro-blocks of the row word read in the previous cycle
+{% endif %}{% if ctx.has_sharing %}  output logic [{= ctx.aw - 1 =}:0]   hdr_addr_o,     // pass-header memory address
+  input  logic                 hdr_same_i,     // bit 0 of the header read in the previous cycle: reuse the activations
+  output logic                 hdr_load_o,     // the header read in the previous cycle is valid
 {% endif %}  output logic [{= ctx.aw - 1 =}:0]   act_addr_o,     // activation memory address
   output logic                 row_load_o,     // the row word read in the previous cycle belongs to the PE row in row_sel_o
   output logic [{= ctx.rows - 1 =}:0]   row_sel_o,      // one-hot PE row being loaded
@@ -46,6 +49,13 @@ module msq_ctrl (
   logic full_q;                       // the shadow registers hold a complete tile
   logic [{= ctx.aw - 1 =}:0] row_addr_q;
   logic issue_row, last_word, load_start, swap;
+{% if ctx.has_sharing %}  logic hdr_issued_q;                 // the current load has read its header
+  logic hdr_pending_q;                // a header arrives this cycle
+  logic same_shadow_q;                // the loaded pass reuses the previous activations
+  logic [{= ctx.aw - 1 =}:0] hdr_addr_q;
+  logic issue_hdr;
+  assign issue_hdr = load_active_q && !hdr_issued_q;
+{% endif %}
 {% if ctx.has_pairs %}  logic pair_pending_q;               // a pair entry arrives this cycle
   logic [{= ctx.cw - 1 =}:0] pairs_todo_q;    // pair reads still to issue for the current row
   logic [{= ctx.ubr - 1 =}:0] flags_q;        // flagged micro-blocks whose entries have not arrived
@@ -69,8 +79,11 @@ module msq_ctrl (
       pairs_todo_d = pairs_todo_q - 1'b1;
     end
   end
-  assign issue_row = load_active_q && next_row_q != '0 && !issue_pair;
+{% if ctx.has_sharing %}  assign issue_row = load_active_q && hdr_issued_q && next_row_q != '0 && !issue_pair;
+  assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair && !issue_hdr;
+{% else %}  assign issue_row = load_active_q && next_row_q != '0 && !issue_pair;
   assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair;
+{% endif %}
 {% else %}
   assign issue_row = load_active_q && next_row_q != '0;
   assign last_word = row_pending_q && !issue_row;
@@ -86,7 +99,11 @@ module msq_ctrl (
       row_pending_q <= 1'b0;
       full_q        <= 1'b0;
       row_addr_q    <= '0;
-{% if ctx.has_pairs %}      pair_pending_q <= 1'b0;
+{% if ctx.has_sharing %}      hdr_issued_q   <= 1'b0;
+      hdr_pending_q  <= 1'b0;
+      same_shadow_q  <= 1'b0;
+      hdr_addr_q     <= '0;
+{% endif %}{% if ctx.has_pairs %}      pair_pending_q <= 1'b0;
       pairs_todo_q   <= '0;
       flags_q        <= '0;
       pair_addr_q    <= '0;
@@ -99,7 +116,10 @@ module msq_ctrl (
       row_pending_q <= 1'b0;
       full_q        <= 1'b0;
       row_addr_q    <= '0;
-{% if ctx.has_pairs %}      pair_pending_q <= 1'b0;
+{% if ctx.has_sharing %}      hdr_issued_q   <= 1'b0;
+      hdr_pending_q  <= 1'b0;
+      hdr_addr_q     <= '0;
+{% endif %}{% if ctx.has_pairs %}      pair_pending_q <= 1'b0;
       pairs_todo_q   <= '0;
       pair_addr_q    <= '0;
 {% endif %}    end else begin
@@ -107,7 +127,17 @@ module msq_ctrl (
         load_active_q <= 1'b1;
         load_tiles_q  <= load_tiles_q + 1'b1;
         next_row_q    <= {= ctx.rows =}'d1;
+{% if ctx.has_sharing %}        hdr_issued_q  <= 1'b0;
+{% endif %}      end
+{% if ctx.has_sharing %}      hdr_pending_q <= issue_hdr;
+      if (issue_hdr) begin
+        hdr_issued_q <= 1'b1;
+        hdr_addr_q   <= hdr_addr_q + 1'b1;
       end
+      if (hdr_pending_q) begin
+        same_shadow_q <= hdr_same_i;
+      end
+{% endif %}
       row_pending_q <= issue_row;
       if (issue_row) begin
         row_addr_q <= row_addr_q + 1'b1;
@@ -137,6 +167,9 @@ module msq_ctrl (
   end
 
   assign row_addr_o = row_addr_q;
+{% if ctx.has_sharing %}  assign hdr_addr_o = hdr_addr_q;
+  assign hdr_load_o = hdr_pending_q;
+{% endif %}
   assign row_load_o = row_pending_q;
   assign row_sel_o  = row_sel_q;
 {% if ctx.has_pairs %}  assign pair_addr_o  = pair_addr_q;
@@ -148,16 +181,35 @@ module msq_ctrl (
   // Without outlier pairs only the slots and micro-exponents of a row word reach the decode.
 {% endif %}
   // --------------------------------------------------------------- compute engine
-  logic [{= ctx.aw - 1 =}:0] vectors_left_q;  // vectors of the current tile still to issue
-  logic [{= ctx.aw - 1 =}:0] act_addr_q;      // next activation word
-  logic [{= ctx.aw - 1 =}:0] act_base_q;      // first activation word of the current row tile
-  logic [{= ctx.aw - 1 =}:0] k_tile_q;        // row tile of the tile being computed
-  logic act_issue, last_vector;
+  logic [{= ctx.aw - 1 =}:0] vectors_left_q;  // vectors of the current pass still to issue
+  logic [{= ctx.aw - 1 =}:0] act_addr_q;      // next activation word after the swap cycle
+  logic [{= ctx.aw - 1 =}:0] act_base_q;      // first activation word of the current pass
+  logic [{= ctx.aw - 1 =}:0] k_tile_q;        // row tile of the current pass
+  logic first_q;                      // no pass has started since start_i
+  logic act_issue;
   logic swap_q, act_valid_q;
+  logic [{= ctx.aw - 1 =}:0] next_base, next_k_tile;
 
-  assign swap        = busy_q && full_q && vectors_left_q == '0;
-  assign act_issue   = swap || vectors_left_q != '0;
-  assign last_vector = swap ? vectors_i == {= ctx.aw =}'d1 : vectors_left_q == {= ctx.aw =}'d1;
+  assign swap      = busy_q && full_q && vectors_left_q == '0;
+  assign act_issue = swap || vectors_left_q != '0;
+
+  // A pass reads the next row tile's activations (wrapping after k_tiles_i, because tiles run
+  // along the input channels first){% if ctx.has_sharing %}, or the same ones when its header says so{% endif %}.
+  always_comb begin
+    if (first_q) begin
+      next_base   = '0;
+      next_k_tile = '0;
+{% if ctx.has_sharing %}    end else if (same_shadow_q) begin
+      next_base   = act_base_q;
+      next_k_tile = k_tile_q;
+{% endif %}    end else if (k_tile_q == k_tiles_i - 1'b1) begin
+      next_base   = '0;
+      next_k_tile = '0;
+    end else begin
+      next_base   = act_base_q + vectors_i;
+      next_k_tile = k_tile_q + 1'b1;
+    end
+  end
 
   always_ff @(posedge clk_i or negedge rst_ni) begin
     if (!rst_ni) begin
@@ -165,6 +217,7 @@ module msq_ctrl (
       act_addr_q     <= '0;
       act_base_q     <= '0;
       k_tile_q       <= '0;
+      first_q        <= 1'b1;
       swap_q         <= 1'b0;
       act_valid_q    <= 1'b0;
     end else if (start_i) begin
@@ -172,6 +225,7 @@ module msq_ctrl (
       act_addr_q     <= '0;
       act_base_q     <= '0;
       k_tile_q       <= '0;
+      first_q        <= 1'b1;
       swap_q         <= 1'b0;
       act_valid_q    <= 1'b0;
     end else begin
@@ -179,27 +233,19 @@ module msq_ctrl (
       act_valid_q <= act_issue;
       if (swap) begin
         vectors_left_q <= vectors_i - 1'b1;
+        act_base_q     <= next_base;
+        k_tile_q       <= next_k_tile;
+        act_addr_q     <= next_base + 1'b1;
+        first_q        <= 1'b0;
       end else if (act_issue) begin
         vectors_left_q <= vectors_left_q - 1'b1;
-      end
-      if (act_issue && last_vector) begin
-        // Tiles run along the input channels first, so the activations wrap after k_tiles_i.
-        if (k_tile_q == k_tiles_i - 1'b1) begin
-          k_tile_q   <= '0;
-          act_base_q <= '0;
-          act_addr_q <= '0;
-        end else begin
-          k_tile_q   <= k_tile_q + 1'b1;
-          act_base_q <= act_base_q + vectors_i;
-          act_addr_q <= act_base_q + vectors_i;
-        end
-      end else if (act_issue) begin
-        act_addr_q <= act_addr_q + 1'b1;
+        act_addr_q     <= act_addr_q + 1'b1;
       end
     end
   end
 
-  assign act_addr_o  = act_addr_q;
+  // The first vector of a pass is read in its swap cycle.
+  assign act_addr_o  = swap ? next_base : act_addr_q;
   assign swap_o      = swap_q;
   assign act_valid_o = act_valid_q;
 

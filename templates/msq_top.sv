@@ -9,13 +9,15 @@ module msq_top (
   input  logic                 clk_i,        // clock
   input  logic                 rst_ni,       // asynchronous reset, active low
   input  logic                 start_i,      // pulse: run one layer
-  input  logic [{= ctx.aw - 1 =}:0]   tiles_i,      // tiles in the layer, at least 1
+  input  logic [{= ctx.aw - 1 =}:0]   tiles_i,      // passes in the layer (tiles plus extra passes), at least 1
   input  logic [{= ctx.aw - 1 =}:0]   k_tiles_i,    // tiles along the input channels, at least 1
   input  logic [{= ctx.aw - 1 =}:0]   vectors_i,    // activation vectors per tile, at least 1
   output logic [{= ctx.aw - 1 =}:0]   row_addr_o,   // row-word memory address
   input  logic [{= ctx.rww - 1 =}:0]   row_word_i,   // row word, one cycle after its address
 {% if ctx.has_pairs %}  output logic [{= ctx.aw - 1 =}:0]   pair_addr_o,  // pair-entry memory address
   input  logic [{= ctx.pew - 1 =}:0]   pair_i,       // pair entry, one cycle after its address
+{% endif %}{% if ctx.has_sharing %}  output logic [{= ctx.aw - 1 =}:0]   hdr_addr_o,   // pass-header memory address
+  input  logic [{= ctx.swap_bits =}:0]   hdr_i,        // pass header, one cycle after its address
 {% endif %}  output logic [{= ctx.aw - 1 =}:0]   act_addr_o,   // activation memory address
   input  logic [{= ctx.rows * ctx.a - 1 =}:0]   act_i,        // activation word, one cycle after its address
   output logic                 out_valid_o,  // out_psum_o holds one vector's column sums
@@ -24,6 +26,8 @@ module msq_top (
 );
 
   logic swap, act_valid, row_load;
+{% if ctx.has_sharing %}  logic hdr_load;
+{% endif %}
   logic [{= ctx.rows - 1 =}:0] row_sel;
   logic [{= ctx.cols * ctx.b - 1 =}:0] inlier_weight;
 {% if ctx.has_shift %}  logic [{= ctx.cols * ctx.sw - 1 =}:0] inlier_shift;
@@ -53,6 +57,9 @@ module msq_top (
 {% if ctx.has_micro %}    .row_micro_i  (row_micro),
 {% endif %}    .pair_addr_o  (pair_addr_o),
     .flags_i      (flags),
+{% endif %}{% if ctx.has_sharing %}    .hdr_addr_o   (hdr_addr_o),
+    .hdr_same_i   (hdr_i[0]),
+    .hdr_load_o   (hdr_load),
 {% endif %}    .act_addr_o   (act_addr_o),
     .row_load_o   (row_load),
     .row_sel_o    (row_sel),
@@ -88,7 +95,9 @@ module msq_top (
     .swap_i          (swap),
     .act_valid_i     (act_valid),
     .act_i           (act_i),
-    .row_load_i      (row_load),
+{% if ctx.has_sharing %}    .hdr_load_i      (hdr_load),
+    .hdr_swaps_i     (hdr_i[{= ctx.swap_bits =}:1]),
+{% endif %}    .row_load_i      (row_load),
     .row_sel_i       (row_sel),
     .inlier_weight_i (inlier_weight),
 {% if ctx.has_shift %}    .inlier_shift_i  (inlier_shift),
