@@ -429,7 +429,8 @@ fn read_image_dir(dir: &Path) -> Result<(Resolved, image::Image, golden::Predict
     let row_words = parse("rows.hex", r.row_word_bits)?;
     let header_words = parse("headers.hex", r.header_bits)?;
     let k_tiles = field("tiles", Some(1))?;
-    let passes = image::passes_from_headers(&r, row_words.len() / r.rows, &header_words, k_tiles);
+    let pass_count = if r.has_sharing { header_words.len() } else { row_words.len() / r.rows };
+    let passes = image::passes_from_headers(&r, pass_count, &header_words, k_tiles);
     let image = image::Image {
         n_tiles: field("tiles", Some(0))?,
         k_tiles,
@@ -440,8 +441,8 @@ fn read_image_dir(dir: &Path) -> Result<(Resolved, image::Image, golden::Predict
         header_words,
         act_words: parse("acts.hex", r.rows as u32 * r.a)?,
     };
-    let headers_ok = !r.has_sharing || image.header_words.len() == image.tiles();
-    if image.row_words.len() % r.rows != 0 || !headers_ok || image.act_words.len() != image.k_tiles * image.vectors {
+    let stored: usize = image::rows_per_pass(&r, &image.header_words, image.tiles()).iter().sum();
+    if image.row_words.len() != stored || image.act_words.len() != image.k_tiles * image.vectors {
         return Err(format!("{}: the hex files do not match the shapes in manifest.json; quantize again", dir.display()));
     }
     let prediction = golden::predict(&r, &image);

@@ -43,6 +43,7 @@ pub fn decode_tile<'a>(r: &Resolved, rows: &[BitWord], pairs: &mut impl Iterator
         commands: vec![vec![SwitchOp::Pass; switches]; r.rows * ub_row],
         flagged: 0,
     };
+    // A later pass of a tile stores only its first rows; the others stay zero.
     for (row, word) in rows.iter().enumerate() {
         let micro = |j: usize| -> u32 {
             if r.micro_exp_bits == 0 {
@@ -136,8 +137,19 @@ pub fn tile_output(r: &Resolved, tile: &TileState, acts: &[i64]) -> Vec<i128> {
 pub struct PassRouting {
     /// Element of the activation word that each PE row receives.
     pub sources: Vec<usize>,
-    /// The pass reuses the previous pass's activations.
+    /// The pass reuses the previous pass's activations; rows without ReCoN get zero.
     pub same_acts: bool,
+}
+
+impl PassRouting {
+    /// Activation of each PE row from an activation word's elements.
+    pub fn route(&self, r: &Resolved, element: impl Fn(usize) -> i64) -> Vec<i64> {
+        self.sources
+            .iter()
+            .enumerate()
+            .map(|(row, &source)| if self.same_acts && row >= r.recon_rows { 0 } else { element(source) })
+            .collect()
+    }
 }
 
 /// Decodes a header word (identity routing when there is none).
@@ -190,48 +202,56 @@ pub fn k_tiles_of_passes(routings: &[PassRouting], k_tiles: usize) -> Vec<usize>
 
 /// Runs the golden model on an image.
 pub fn predict(r: &Resolved, image: &Image) -> Prediction {
-    let passes = image.row_words.len() / r.rows;
+    let passes = pass_count(r, image);
     let routings: Vec<PassRouting> = (0..passes).map(|t| decode_header(r, image.header_words.get(t))).collect();
     let k_tile_of_pass = k_tiles_of_passes(&routings, image.k_tiles);
     let mut pairs = image.pair_words.iter();
     let mut outputs = Vec::with_capacity(passes * image.vectors);
     let mut flagged_per_tile = Vec::with_capacity(passes);
+    let mut reads_per_tile = Vec::with_capacity(passes);
+    let stored = crate::image::rows_per_pass(r, &image.header_words, passes);
+    let mut first_row = 0;
     for t in 0..passes {
-        let tile = decode_tile(r, &image.row_words[t * r.rows..(t + 1) * r.rows], &mut pairs);
+        let tile = decode_tile(r, &image.row_words[first_row..first_row + stored[t]], &mut pairs);
+        first_row += stored[t];
         flagged_per_tile.push(tile.flagged);
+        reads_per_tile.push(u64::from(r.has_sharing) + stored[t] as u64 + tile.flagged as u64);
         let kt = k_tile_of_pass[t];
         for v in 0..image.vectors {
             let word = &image.act_words[kt * image.vectors + v];
             let element = |row: usize| sign_extend(word.get(row * r.a as usize, r.a as usize) as u128, r.a) as i64;
-            let acts: Vec<i64> = routings[t].sources.iter().map(|&source| element(source)).collect();
-            outputs.push(tile_output(r, &tile, &acts));
+            outputs.push(tile_output(r, &tile, &routings[t].route(r, element)));
         }
     }
-    let header_reads = u64::from(r.has_sharing);
-    let cycles = predict_cycles_with_rows(r.rows as u64 + header_reads, r.rows as u64, image.vectors as u64, &flagged_per_tile);
+    let cycles = predict_cycles(r.rows as u64, image.vectors as u64, &reads_per_tile);
     Prediction { outputs, cycles, flagged_per_tile, k_tile_of_pass }
 }
 
-/// Cycle count of the controller from the start pulse (cycle 0) to the first cycle with
-/// `done_o` high, for `reads` fixed reads per pass (R row words, plus a header with shared
-/// ReCoN rows) and R = `reads` minus the header.
-///
-/// Pass 0's load starts reading in cycle 2 and pass t's in the cycle after pass t-1 started
-/// computing. A load reads one word per cycle: the fixed reads plus F_t pair entries, and the
-/// pass is ready two cycles after its last read. A pass starts computing when it is ready and
-/// the previous pass has issued its V vectors. The last vector's column sums leave the array
-/// R + 2 cycles after its read was issued, and `done_o` rises one cycle later.
-pub fn predict_cycles(reads: u64, vectors: u64, flagged_per_tile: &[usize]) -> u64 {
-    predict_cycles_with_rows(reads, reads, vectors, flagged_per_tile)
+/// Passes of an image: one per header with shared ReCoN rows, else one per `rows` row words.
+pub fn pass_count(r: &Resolved, image: &Image) -> usize {
+    if r.has_sharing {
+        image.header_words.len()
+    } else {
+        image.row_words.len() / r.rows
+    }
 }
 
-fn predict_cycles_with_rows(reads: u64, rows: u64, vectors: u64, flagged_per_tile: &[usize]) -> u64 {
-    let Some((&first, rest)) = flagged_per_tile.split_first() else {
+/// Cycle count of the controller from the start pulse (cycle 0) to the first cycle with
+/// `done_o` high, for an array of `rows` PE rows and `reads_per_tile[t]` memory reads to load
+/// pass t (its header, its row words and its pair entries).
+///
+/// Pass 0's load starts reading in cycle 2 and pass t's in the cycle after pass t-1 started
+/// computing. A load reads one word per cycle, and the pass is ready two cycles after its last
+/// read. A pass starts computing when it is ready and the previous pass has issued its V
+/// vectors. The last vector's column sums leave the array `rows` + 2 cycles after its read was
+/// issued, and `done_o` rises one cycle later.
+pub fn predict_cycles(rows: u64, vectors: u64, reads_per_tile: &[u64]) -> u64 {
+    let Some((&first, rest)) = reads_per_tile.split_first() else {
         return 1;
     };
-    let mut start = reads + first as u64 + 3;
-    for &flagged in rest {
-        start = (start + vectors).max(start + reads + flagged as u64 + 2);
+    let mut start = first + 3;
+    for &reads in rest {
+        start = (start + vectors).max(start + reads + 2);
     }
     start + vectors + rows + 2
 }
@@ -250,19 +270,22 @@ pub fn dequantize(r: &Resolved, image: &Image, bases: &[crate::formats::E8m0]) -
     let k_pad = image.k_tiles * r.rows;
     let ub_per_k = n_pad / r.m;
     let mut out = vec![0.0; n_pad * k_pad];
-    let passes = image.row_words.len() / r.rows;
+    let passes = pass_count(r, image);
     let routings: Vec<PassRouting> = (0..passes).map(|t| decode_header(r, image.header_words.get(t))).collect();
+    let stored = crate::image::rows_per_pass(r, &image.header_words, passes);
     let mut pairs = image.pair_words.iter();
     let mut logical = 0usize;
+    let mut first_row = 0;
     for t in 0..passes {
         if t > 0 && !routings[t].same_acts {
             logical += 1;
         }
         let nt = logical / image.k_tiles;
         let kt = logical % image.k_tiles;
-        let tile = decode_tile(r, &image.row_words[t * r.rows..(t + 1) * r.rows], &mut pairs);
+        let tile = decode_tile(r, &image.row_words[first_row..first_row + stored[t]], &mut pairs);
+        first_row += stored[t];
         for channel in 0..r.rows {
-            let acts: Vec<i64> = routings[t].sources.iter().map(|&source| i64::from(source == channel)).collect();
+            let acts = routings[t].route(r, |source| i64::from(source == channel));
             let sums = tile_output(r, &tile, &acts);
             let k = kt * r.rows + channel;
             for (c, &sum) in sums.iter().enumerate() {

@@ -13,8 +13,10 @@
 //!   outlier offset code, `max_pairs` lane pairs (o then p, log2 M bits each; unused pairs are
 //!   zero), then the ReCoN commands, 2 bits per switch, stage-major.
 //! - Header words, one per pass, only when ReCoN rows are shared: bit 0 set when the pass
-//!   reuses the previous pass's activations, then per ReCoN row i a valid bit and the PE row
-//!   whose activation row i swaps with (index bits of rows).
+//!   is a later pass of the same tile, then per ReCoN row i a valid bit and the PE row whose
+//!   activation row i swaps with (index bits of rows). A later pass reuses the previous
+//!   pass's activations, stores row words only for the ReCoN rows, and the array zeroes the
+//!   activations of the other rows.
 //! - Activation words, one per (row tile, vector): element r at bits [r*A, (r+1)*A), two's
 //!   complement.
 
@@ -118,6 +120,17 @@ pub fn plan_passes(layer: &QuantizedLayer, r: &Resolved, n_tile: usize, k_tile: 
     passes
 }
 
+/// Row words stored for each pass: every row, or only the ReCoN rows for a later pass of a
+/// tile (read from the header's first bit).
+pub fn rows_per_pass(r: &Resolved, headers: &[BitWord], passes: usize) -> Vec<usize> {
+    (0..passes)
+        .map(|t| match headers.get(t) {
+            Some(word) if word.get(0, 1) == 1 => r.recon_rows,
+            _ => r.rows,
+        })
+        .collect()
+}
+
 /// Rebuilds the pass list of an image read back from its hex files: a pass that does not
 /// reuse the previous activations starts the next tile. Zero rows cannot be told apart from
 /// rows of zero weights, so every row is reported with its routed channel.
@@ -174,7 +187,10 @@ pub fn pack_weights(layer: &QuantizedLayer, r: &Resolved) -> (Vec<TilePass>, Vec
     for nt in 0..n_tiles {
         for kt in 0..k_tiles {
             for pass in plan_passes(layer, r, nt, kt) {
-                for source in &pass.sources {
+                // A later pass of a tile stores only its ReCoN rows: the array zeroes the
+                // activations of every other row instead.
+                let stored = if pass.same_acts { r.recon_rows } else { r.rows };
+                for source in &pass.sources[..stored] {
                     let mut word = BitWord::zero(r.row_word_bits as usize);
                     if let Some(channel) = source {
                         let k = kt * r.rows + channel;

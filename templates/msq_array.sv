@@ -14,7 +14,7 @@ module msq_array (
   input  logic                 act_valid_i,      // act_i holds an activation vector
   input  logic [{= ctx.rows * ctx.a - 1 =}:0]   act_i,            // element r at [r*{= ctx.a =} +: {= ctx.a =}], two's complement
 {% if ctx.has_sharing %}  input  logic                 hdr_load_i,       // hdr_swaps_i holds the next pass's activation swaps
-  input  logic [{= ctx.swap_bits - 1 =}:0]   hdr_swaps_i,      // per ReCoN row i at [i*{= 1 + ctx.rib =}]: valid, then the row it swaps with
+  input  logic [{= ctx.swap_bits =}:0]   hdr_i,            // bit 0: later pass of a tile; ReCoN row i at [1 + i*{= 1 + ctx.rib =}]: valid, then the row it swaps with
 {% endif %}
   input  logic                 row_load_i,       // write the inlier decode into row_sel_i's shadow registers
   input  logic [{= ctx.rows - 1 =}:0]   row_sel_i,        // one-hot PE row being loaded
@@ -39,32 +39,36 @@ module msq_array (
 
 {% if ctx.has_sharing %}
   // Activation routing of the pass: ReCoN row i takes the element of the row it swaps with, and
-  // that row takes element i. The swaps are double-buffered like the weights and switch when
-  // the pass's first vector enters.
-  logic [{= ctx.swap_bits - 1 =}:0] swaps_shadow_q, swaps_q, swaps_now;
+  // that row takes element i. A later pass of a tile loads only the ReCoN rows, so every other
+  // row gets zero activations and its stale weights add nothing. The header is double-buffered
+  // like the weights and takes effect when the pass's first vector enters.
+  logic [{= ctx.swap_bits =}:0] hdr_shadow_q, hdr_q, hdr_now;
   always_ff @(posedge clk_i or negedge rst_ni) begin
     if (!rst_ni) begin
-      swaps_shadow_q <= '0;
-      swaps_q        <= '0;
+      hdr_shadow_q <= '0;
+      hdr_q        <= '0;
     end else begin
-      if (hdr_load_i) swaps_shadow_q <= hdr_swaps_i;
-      if (swap_i)     swaps_q        <= swaps_shadow_q;
+      if (hdr_load_i) hdr_shadow_q <= hdr_i;
+      if (swap_i)     hdr_q        <= hdr_shadow_q;
     end
   end
-  assign swaps_now = swap_i ? swaps_shadow_q : swaps_q;
+  assign hdr_now = swap_i ? hdr_shadow_q : hdr_q;
 
   logic [{= ctx.rows * ctx.a - 1 =}:0] act_routed;
   always_comb begin
     act_routed = act_i;
-{% for i in 0..ctx.recon_rows %}    if (swaps_now[{= i * (1 + ctx.rib) =}]) begin
+{% for i in 0..ctx.recon_rows %}    if (hdr_now[{= 1 + i * (1 + ctx.rib) =}]) begin
       for (int e = 0; e < {= ctx.rows =}; e++) begin
-        if (swaps_now[{= i * (1 + ctx.rib) + 1 =} +: {= ctx.rib =}] == {= ctx.rib =}'(e)) begin
+        if (hdr_now[{= 2 + i * (1 + ctx.rib) =} +: {= ctx.rib =}] == {= ctx.rib =}'(e)) begin
           act_routed[{= i * ctx.a =} +: {= ctx.a =}] = act_i[e*{= ctx.a =} +: {= ctx.a =}];
           act_routed[e*{= ctx.a =} +: {= ctx.a =}] = act_i[{= i * ctx.a =} +: {= ctx.a =}];
         end
       end
     end
-{% endfor %}  end
+{% endfor %}    if (hdr_now[0]) begin
+      act_routed[{= ctx.rows * ctx.a - 1 =}:{= ctx.recon_rows * ctx.a =}] = '0;
+    end
+  end
 {% else %}
   // Every row holds its own input channel.
   logic [{= ctx.rows * ctx.a - 1 =}:0] act_routed;

@@ -79,7 +79,10 @@ module msq_ctrl (
       pairs_todo_d = pairs_todo_q - 1'b1;
     end
   end
-{% if ctx.has_sharing %}  assign issue_row = load_active_q && hdr_issued_q && next_row_q != '0 && !issue_pair;
+{% if ctx.has_sharing %}  // A later pass of a tile reads only the first {= ctx.recon_rows =} rows, which have ReCoN.
+  logic rows_left;
+  assign rows_left = next_row_q != '0 && !(same_shadow_q && next_row_q[{= ctx.recon_rows =}]);
+  assign issue_row = load_active_q && hdr_issued_q && rows_left && !issue_pair;
   assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair && !issue_hdr;
 {% else %}  assign issue_row = load_active_q && next_row_q != '0 && !issue_pair;
   assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair;

@@ -96,7 +96,7 @@ module msq_top (
     .act_valid_i     (act_valid),
     .act_i           (act_i),
 {% if ctx.has_sharing %}    .hdr_load_i      (hdr_load),
-    .hdr_swaps_i     (hdr_i[{= ctx.swap_bits =}:1]),
+    .hdr_i           (hdr_i),
 {% endif %}    .row_load_i      (row_load),
     .row_sel_i       (row_sel),
     .inlier_weight_i (inlier_weight),
