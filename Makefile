@@ -18,7 +18,7 @@ deps:
 	bash scripts/install_tools.sh
 
 fetch-models:
-	$(PYTHON) scripts/fetch_models.py
+	$(PYTHON) scripts/fetch_models.py --all
 
 run: deps fetch-models build
 	./target/release/microscopiq run $(ARGS)
