@@ -262,6 +262,7 @@ rtl_template!(PeTemplate, "msq_pe.sv");
 rtl_template!(SwitchTemplate, "msq_recon_switch.sv");
 rtl_template!(ReconTemplate, "msq_recon.sv");
 rtl_template!(DecodeTemplate, "msq_decode.sv");
+rtl_template!(RouteTemplate, "msq_act_route.sv");
 rtl_template!(ArrayTemplate, "msq_array.sv");
 rtl_template!(CtrlTemplate, "msq_ctrl.sv");
 rtl_template!(TopTemplate, "msq_top.sv");
@@ -333,6 +334,9 @@ pub fn generate_rtl(r: &Resolved) -> Vec<GeneratedFile> {
         files.push(render("msq_recon.sv", ReconTemplate { ctx: &ctx }.render()));
     }
     files.push(render("msq_decode.sv", DecodeTemplate { ctx: &ctx }.render()));
+    if ctx.has_sharing {
+        files.push(render("msq_act_route.sv", RouteTemplate { ctx: &ctx }.render()));
+    }
     files.push(render("msq_array.sv", ArrayTemplate { ctx: &ctx }.render()));
     files.push(render("msq_ctrl.sv", CtrlTemplate { ctx: &ctx }.render()));
     files.push(render("msq_top.sv", TopTemplate { ctx: &ctx }.render()));

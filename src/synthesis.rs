@@ -127,7 +127,8 @@ impl Resources {
 pub struct ResourceReport {
     pub target: Target,
     /// Groups: `pe_array` (PEs, activation skew and column adders), `recon` (ReCoN networks
-    /// and their switches), `decode`, `controller`, `top`.
+    /// and their switches), `decode`, `act_routing` (activation swaps for shared ReCoN rows),
+    /// `controller`, `top`.
     pub modules: std::collections::BTreeMap<String, Resources>,
     pub total: Resources,
     /// LUTs of ReCoN and decode as a share of all LUTs (0 for the generic target).
@@ -139,6 +140,7 @@ fn group_of(module: &str) -> &'static str {
         "msq_pe" | "msq_array" => "pe_array",
         "msq_recon" | "msq_recon_switch" => "recon",
         "msq_decode" => "decode",
+        "msq_act_route" => "act_routing",
         "msq_ctrl" => "controller",
         _ => "top",
     }
@@ -256,7 +258,7 @@ pub fn synthesize(dir: &Path, files: &[GeneratedFile], target: Target) -> Result
         };
         let group = groups.entry(group_of(module).to_string()).or_default();
         group.add(&scaled);
-        if matches!(module.as_str(), "msq_pe" | "msq_recon" | "msq_decode" | "msq_ctrl" | "msq_top") {
+        if matches!(module.as_str(), "msq_pe" | "msq_recon" | "msq_decode" | "msq_act_route" | "msq_ctrl" | "msq_top") {
             group.instances = times;
         }
         total.add(&scaled);

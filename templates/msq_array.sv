@@ -37,41 +37,19 @@ module msq_array (
   logic [{= ctx.rows - 1 =}:0] swap_row;
   logic [{= ctx.rows - 1 =}:0] valid_row_q;
 
-{% if ctx.has_sharing %}
-  // Activation routing of the pass: ReCoN row i takes the element of the row it swaps with, and
-  // that row takes element i. A later pass of a tile loads only the ReCoN rows, so every other
-  // row gets zero activations and its stale weights add nothing. The header is double-buffered
-  // like the weights and takes effect when the pass's first vector enters.
-  logic [{= ctx.swap_bits =}:0] hdr_shadow_q, hdr_q, hdr_now;
-  always_ff @(posedge clk_i or negedge rst_ni) begin
-    if (!rst_ni) begin
-      hdr_shadow_q <= '0;
-      hdr_q        <= '0;
-    end else begin
-      if (hdr_load_i) hdr_shadow_q <= hdr_i;
-      if (swap_i)     hdr_q        <= hdr_shadow_q;
-    end
-  end
-  assign hdr_now = swap_i ? hdr_shadow_q : hdr_q;
-
   logic [{= ctx.rows * ctx.a - 1 =}:0] act_routed;
-  always_comb begin
-    act_routed = act_i;
-{% for i in 0..ctx.recon_rows %}    if (hdr_now[{= 1 + i * (1 + ctx.rib) =}]) begin
-      for (int e = 0; e < {= ctx.rows =}; e++) begin
-        if (hdr_now[{= 2 + i * (1 + ctx.rib) =} +: {= ctx.rib =}] == {= ctx.rib =}'(e)) begin
-          act_routed[{= i * ctx.a =} +: {= ctx.a =}] = act_i[e*{= ctx.a =} +: {= ctx.a =}];
-          act_routed[e*{= ctx.a =} +: {= ctx.a =}] = act_i[{= i * ctx.a =} +: {= ctx.a =}];
-        end
-      end
-    end
-{% endfor %}    if (hdr_now[0]) begin
-      act_routed[{= ctx.rows * ctx.a - 1 =}:{= ctx.recon_rows * ctx.a =}] = '0;
-    end
-  end
+{% if ctx.has_sharing %}
+  msq_act_route u_route (
+    .clk_i      (clk_i),
+    .rst_ni     (rst_ni),
+    .hdr_load_i (hdr_load_i),
+    .hdr_i      (hdr_i),
+    .swap_i     (swap_i),
+    .act_i      (act_i),
+    .act_o      (act_routed)
+  );
 {% else %}
   // Every row holds its own input channel.
-  logic [{= ctx.rows * ctx.a - 1 =}:0] act_routed;
   assign act_routed = act_i;
 {% endif %}
   for (genvar r = 0; r < {= ctx.rows =}; r++) begin : g_row
