@@ -58,6 +58,13 @@ module msq_tb;
     .done_o      (done)
   );
 
+`ifdef MSQ_TRACE
+  initial begin
+    $dumpfile("waves.fst");
+    $dumpvars(0, msq_tb);
+  end
+`endif
+
   int fd;
   int cycle;
   logic finished;

@@ -218,6 +218,12 @@ pub struct SimulateArgs {
     /// Simulator: verilator (two-state, fast) or icarus (four-state, shows X propagation).
     #[arg(long, value_enum, default_value = "verilator")]
     pub simulator: SimulatorArg,
+    /// Dump waveforms to waves.fst in the kept folder.
+    #[arg(long)]
+    pub trace: bool,
+    /// Collect Verilator line coverage and annotate the sources.
+    #[arg(long)]
+    pub coverage: bool,
     /// Print the comparison as JSON.
     #[arg(long)]
     pub json: bool,
@@ -245,6 +251,12 @@ pub struct RunArgs {
     /// Keep the Verilator build and run files here (they are kept anyway on a mismatch).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+    /// Dump waveforms to waves.fst (a mismatch dumps them anyway).
+    #[arg(long)]
+    pub trace: bool,
+    /// Collect Verilator line coverage and annotate the sources.
+    #[arg(long)]
+    pub coverage: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -465,18 +477,29 @@ fn simulate(args: SimulateArgs) -> Result<i32, String> {
         SimulatorArg::Icarus => simulation::Simulator::Icarus,
     };
     bar.set_message(format!("building and running the RTL with {simulator:?}"));
-    let options = simulation::SimOptions { work_dir: args.keep.clone(), simulator };
+    let options = simulation::SimOptions { work_dir: args.keep.clone(), simulator, trace: args.trace, coverage: args.coverage };
     let sim = simulation::simulate(&r, &image, prediction.cycles, &options)
         .map_err(|e| e.to_string())?;
-    bar.finish_and_clear();
     let comparison = simulation::compare(&prediction, &sim, image.vectors);
-    if args.keep.is_none() && comparison.passed() {
+    if !comparison.passed() && !args.trace {
+        bar.set_message("simulating again with waveforms (waves.fst) for the mismatch");
+        let retrace = simulation::SimOptions { work_dir: Some(sim.work_dir.clone()), simulator, trace: true, coverage: false };
+        simulation::simulate(&r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
+    }
+    bar.finish_and_clear();
+    if args.coverage {
+        if let Some(summary) = simulation::coverage_summary(&sim.work_dir) {
+            println!("line coverage: {summary} (annotated sources in {}/coverage)", sim.work_dir.display());
+        }
+    }
+    let keep = args.keep.is_some() || !comparison.passed() || args.trace || args.coverage;
+    if !keep {
         let _ = std::fs::remove_dir_all(&sim.work_dir);
     }
     if args.json {
         println!("{}", serde_json::to_string(&comparison).expect("comparison serialises"));
     } else {
-        print_comparison(&comparison, &sim.work_dir, comparison.passed() && args.keep.is_none());
+        print_comparison(&comparison, &sim.work_dir, !keep);
     }
     Ok(if comparison.passed() { 0 } else { 1 })
 }
@@ -509,7 +532,13 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let report = flow::run(
         &r,
         &weights,
-        &RunOptions { vectors: args.vectors, seed: args.seed, work_dir: args.keep.clone() },
+        &RunOptions {
+            vectors: args.vectors,
+            seed: args.seed,
+            work_dir: args.keep.clone(),
+            trace: args.trace,
+            coverage: args.coverage,
+        },
         &|step| bar.set_message(step.to_string()),
     )?;
     bar.finish_and_clear();
@@ -534,6 +563,9 @@ fn run(args: RunArgs) -> Result<i32, String> {
                 "first mismatch: tile {}, vector {}, column {}, cycle {}: expected {}, got {}",
                 m.tile, m.vector, m.column, m.cycle, m.expected, m.got
             );
+        }
+        if let Some(summary) = &report.coverage {
+            println!("line coverage: {summary}");
         }
         if let Some(dir) = &report.work_dir {
             println!("build and run files: {}", dir.display());

@@ -127,6 +127,8 @@ pub struct RunReport {
     pub cycles_predicted: u64,
     pub verilator_version: String,
     pub first_mismatch: Option<simulation::Mismatch>,
+    /// Verilator line coverage summary, when requested.
+    pub coverage: Option<String>,
     /// Folder kept for inspection, when the run failed or one was requested.
     pub work_dir: Option<PathBuf>,
 }
@@ -137,6 +139,10 @@ pub struct RunOptions {
     pub vectors: usize,
     pub seed: u64,
     pub work_dir: Option<PathBuf>,
+    /// Dump waveforms; a failing run dumps them anyway by simulating again.
+    pub trace: bool,
+    /// Collect Verilator line coverage.
+    pub coverage: bool,
 }
 
 /// Quantizes `weights`, checks the image against the quantizer and the golden model against
@@ -153,10 +159,21 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
     check_golden_against_gemm(&layer, r, &image, &prediction, &vectors)?;
     let verilator_version = simulation::verilator_version().map_err(|e| e.to_string())?;
     progress("building and running the RTL with Verilator");
-    let sim = simulation::simulate(r, &image, prediction.cycles, &SimOptions { work_dir: options.work_dir.clone(), ..SimOptions::default() })
-        .map_err(|e| e.to_string())?;
+    let sim_options = SimOptions {
+        work_dir: options.work_dir.clone(),
+        trace: options.trace,
+        coverage: options.coverage,
+        ..SimOptions::default()
+    };
+    let sim = simulation::simulate(r, &image, prediction.cycles, &sim_options).map_err(|e| e.to_string())?;
     let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
-    let keep = options.work_dir.is_some() || !comparison.passed();
+    if !comparison.passed() && !options.trace {
+        progress("simulating again with waveforms (waves.fst) for the mismatch");
+        let retrace = SimOptions { work_dir: Some(sim.work_dir.clone()), trace: true, ..SimOptions::default() };
+        simulation::simulate(r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
+    }
+    let coverage = if options.coverage { simulation::coverage_summary(&sim.work_dir) } else { None };
+    let keep = options.work_dir.is_some() || !comparison.passed() || options.trace || options.coverage;
     if !keep {
         let _ = std::fs::remove_dir_all(&sim.work_dir);
     }
@@ -178,6 +195,7 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         cycles_predicted: comparison.cycles_predicted,
         verilator_version,
         first_mismatch: comparison.first,
+        coverage,
         work_dir: keep.then_some(sim.work_dir),
     })
 }
