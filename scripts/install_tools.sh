@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the external tools the flow and the tests need (Verilator, Yosys, Icarus Verilog)
-# from Debian packages when they are missing. Needs root for apt-get; otherwise it names the
+# Installs the external tools the flow and the tests need (Verilator, Yosys, Icarus Verilog,
+# nextpnr-ice40 with the IceStorm database) from Debian packages when they are missing. Needs root for apt-get; otherwise it names the
 # packages to install and exits 1.
 set -euo pipefail
 
@@ -8,6 +8,7 @@ packages=()
 command -v verilator >/dev/null 2>&1 || packages+=(verilator)
 command -v yosys >/dev/null 2>&1 || packages+=(yosys)
 command -v iverilog >/dev/null 2>&1 || packages+=(iverilog)
+command -v nextpnr-ice40 >/dev/null 2>&1 || packages+=(nextpnr-ice40 fpga-icestorm)
 
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

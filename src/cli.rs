@@ -55,6 +55,9 @@ pub struct SynthArgs {
     /// Keep the Verilog and the Yosys logs here.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+    /// Also place and route on an iCE40 HX8K with nextpnr-ice40 and report the maximum frequency.
+    #[arg(long)]
+    pub pnr: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -599,6 +602,16 @@ fn synth(args: SynthArgs) -> Result<i32, String> {
     let bar = spinner(args.json);
     bar.set_message(format!("synthesizing {}x{} with yosys ({target:?})", r.rows, r.cols));
     let report = crate::synthesis::synthesize(&dir, &files, target).map_err(|e| e.to_string())?;
+    let place_route = if args.pnr {
+        bar.set_message("placing and routing on an iCE40 HX8K with nextpnr-ice40");
+        let wrapper = generator::generate_fmax_wrapper(&r);
+        generator::write_files(&dir, &wrapper).map_err(|e| format!("cannot write into {}: {e}", dir.display()))?;
+        let mut all = files.clone();
+        all.extend(wrapper);
+        Some(crate::synthesis::place_and_route_ice40(&dir, &all).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     bar.finish_and_clear();
     if args.json {
         #[derive(Serialize)]
@@ -606,8 +619,11 @@ fn synth(args: SynthArgs) -> Result<i32, String> {
             config_hash: &'a str,
             #[serde(flatten)]
             report: &'a crate::synthesis::ResourceReport,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            place_route: Option<&'a crate::synthesis::PlaceRouteReport>,
         }
-        println!("{}", serde_json::to_string(&Out { config_hash: &r.hash, report: &report }).expect("report serialises"));
+        let out = Out { config_hash: &r.hash, report: &report, place_route: place_route.as_ref() };
+        println!("{}", serde_json::to_string(&out).expect("report serialises"));
         return Ok(0);
     }
     println!("  {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>7}", "module", "instances", "LUTs", "FFs", "DSPs", "cells", "LUT %");
@@ -616,6 +632,12 @@ fn synth(args: SynthArgs) -> Result<i32, String> {
         println!("  {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6.1}%", name, m.instances, m.luts, m.ffs, m.dsps, m.cells, share);
     }
     println!("  ReCoN + decode share of LUTs: {:.1}%", 100.0 * report.recon_decode_lut_share);
+    if let Some(pnr) = &place_route {
+        println!(
+            "  {}: {} / {} logic cells, maximum frequency {:.2} MHz",
+            pnr.device, pnr.logic_cells, pnr.logic_cells_available, pnr.fmax_mhz
+        );
+    }
     if args.keep.is_some() {
         println!("  Verilog and Yosys logs: {}", dir.display());
     }

@@ -133,7 +133,7 @@ pub struct RunReport {
     pub work_dir: Option<PathBuf>,
 }
 
-/// Options of [`run`].
+/// Options of [`run`]. The default runs 32 vectors with seed 1 in a temporary folder.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub vectors: usize,
@@ -143,6 +143,12 @@ pub struct RunOptions {
     pub trace: bool,
     /// Collect Verilator line coverage.
     pub coverage: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { vectors: 32, seed: 1, work_dir: None, trace: false, coverage: false }
+    }
 }
 
 /// Quantizes `weights`, checks the image against the quantizer and the golden model against

@@ -274,6 +274,60 @@ struct TestbenchTemplate<'a> {
     tb: &'a TestbenchParams,
 }
 
+/// One msq_top input driven by the timing wrapper's shift register.
+#[derive(Clone, Debug)]
+pub struct WrapperPort {
+    pub name: String,
+    pub lo: usize,
+    pub hi: usize,
+}
+
+/// Inputs of the timing wrapper.
+#[derive(Clone, Debug)]
+pub struct WrapperParams {
+    pub input_bits: usize,
+    pub input_ports: Vec<WrapperPort>,
+}
+
+#[derive(Template)]
+#[template(path = "msq_fmax_wrap.sv", escape = "none")]
+struct WrapperTemplate<'a> {
+    ctx: &'a RtlContext,
+    tb: &'a WrapperParams,
+}
+
+#[derive(Template)]
+#[template(path = "msq_fmax_wrap.pcf", escape = "none")]
+struct PcfTemplate<'a> {
+    version: &'a str,
+    hash: &'a str,
+}
+
+/// Renders the place-and-route timing wrapper and its iCE40 pin constraints.
+pub fn generate_fmax_wrapper(r: &Resolved) -> Vec<GeneratedFile> {
+    let ctx = RtlContext::new(r);
+    let mut widths: Vec<(&str, i64)> = vec![("start_i", 1), ("tiles_i", ctx.aw), ("k_tiles_i", ctx.aw), ("vectors_i", ctx.aw), ("row_word_i", ctx.rww)];
+    if ctx.has_pairs {
+        widths.push(("pair_i", ctx.pew));
+    }
+    if ctx.has_sharing {
+        widths.push(("hdr_i", ctx.swap_bits + 1));
+    }
+    widths.push(("act_i", ctx.rows * ctx.a));
+    let mut lo = 0usize;
+    let mut input_ports = Vec::new();
+    for (name, width) in widths {
+        let width = width as usize;
+        input_ports.push(WrapperPort { name: name.to_string(), lo, hi: lo + width - 1 });
+        lo += width;
+    }
+    let params = WrapperParams { input_bits: lo, input_ports };
+    vec![
+        render("msq_fmax_wrap.sv", WrapperTemplate { ctx: &ctx, tb: &params }.render()),
+        render("msq_fmax_wrap.pcf", PcfTemplate { version: VERSION, hash: &r.hash }.render()),
+    ]
+}
+
 #[derive(Template)]
 #[template(path = "msq_top.xdc", escape = "none")]
 struct XdcTemplate<'a> {

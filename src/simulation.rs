@@ -12,7 +12,7 @@ use crate::golden::Prediction;
 use crate::image::{self, Image};
 
 /// Debian packages that provide the external tools.
-pub const TOOL_PACKAGES: &str = "verilator yosys iverilog";
+pub const TOOL_PACKAGES: &str = "verilator yosys iverilog nextpnr-ice40 fpga-icestorm";
 
 /// A failed simulation step, with what to do about it.
 #[derive(Debug)]

@@ -94,7 +94,7 @@ impl Target {
     fn command(self) -> &'static str {
         match self {
             Target::Xilinx => "synth_xilinx -top msq_top",
-            Target::Ice40 => "synth_ice40 -top msq_top",
+            Target::Ice40 => "synth_ice40 -noflatten -top msq_top",
             Target::Generic => "synth -top msq_top",
         }
     }
@@ -267,4 +267,74 @@ pub fn synthesize(dir: &Path, files: &[GeneratedFile], target: Target) -> Result
     let recon_decode = groups.get("recon").map_or(0, |g| g.luts) + groups.get("decode").map_or(0, |g| g.luts);
     let share = if total.luts > 0 { recon_decode as f64 / total.luts as f64 } else { 0.0 };
     Ok(ResourceReport { target, modules: groups, total, recon_decode_lut_share: share })
+}
+
+/// Result of placing and routing on an iCE40.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PlaceRouteReport {
+    pub device: &'static str,
+    /// Logic cells used and available.
+    pub logic_cells: u64,
+    pub logic_cells_available: u64,
+    /// Maximum frequency of the internal paths in MHz, from nextpnr's timing analysis.
+    pub fmax_mhz: f64,
+}
+
+/// Synthesizes the timing wrapper around the design with `synth_ice40` and places and routes
+/// it with nextpnr-ice40 on an HX8K (CT256), returning utilisation and the maximum frequency.
+pub fn place_and_route_ice40(dir: &Path, files: &[GeneratedFile]) -> Result<PlaceRouteReport, SimError> {
+    let yosys = find_tool("yosys")?;
+    let nextpnr = which::which("nextpnr-ice40").map_err(|_| {
+        SimError("nextpnr-ice40 not found on PATH; install it with `apt-get install nextpnr-ice40 fpga-icestorm`".into())
+    })?;
+    let sources: Vec<&str> = files.iter().filter(|f| f.name.ends_with(".sv")).map(|f| f.name.as_str()).collect();
+    let script = format!(
+        "read_verilog -sv -noautowire {}\nhierarchy -check -top msq_fmax_wrap\nsynth_ice40 -top msq_fmax_wrap -json wrap.json\n",
+        sources.join(" ")
+    );
+    std::fs::write(dir.join("ice40.ys"), script).map_err(|e| SimError(format!("cannot write {}: {e}", dir.join("ice40.ys").display())))?;
+    let out = Command::new(yosys)
+        .current_dir(dir)
+        .args(["-q", "-l", "ice40.log", "-s", "ice40.ys"])
+        .output()
+        .map_err(|e| SimError(format!("failed to start yosys: {e}")))?;
+    if !out.status.success() {
+        return Err(SimError(format!("yosys synth_ice40 failed ({}); log in {}", out.status, dir.join("ice40.log").display())));
+    }
+    let out = Command::new(nextpnr)
+        .current_dir(dir)
+        .args(["--hx8k", "--package", "ct256", "--json", "wrap.json", "--pcf", "msq_fmax_wrap.pcf", "--freq", "12", "--timing-allow-fail", "--seed", "1"])
+        .output()
+        .map_err(|e| SimError(format!("failed to start nextpnr-ice40: {e}")))?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::write(dir.join("nextpnr.log"), &log);
+    let cells = log
+        .lines()
+        .find(|l| l.contains("ICESTORM_LC:"))
+        .and_then(|l| l.split("ICESTORM_LC:").nth(1))
+        .and_then(|rest| {
+            let mut parts = rest.split('/');
+            let used = parts.next()?.trim().parse::<u64>().ok()?;
+            let available = parts.next()?.split_whitespace().next()?.parse::<u64>().ok()?;
+            Some((used, available))
+        });
+    if !out.status.success() {
+        let detail = match cells {
+            Some((used, available)) if used > available => format!("the design needs {used} logic cells, the HX8K has {available}"),
+            _ => format!("see {}", dir.join("nextpnr.log").display()),
+        };
+        return Err(SimError(format!("nextpnr-ice40 failed ({}): {detail}", out.status)));
+    }
+    let (logic_cells, logic_cells_available) =
+        cells.ok_or_else(|| SimError(format!("no utilisation in {}", dir.join("nextpnr.log").display())))?;
+    // The last "Max frequency" line is the final, post-route analysis.
+    let fmax_mhz = log
+        .lines()
+        .filter(|l| l.contains("Max frequency for clock"))
+        .last()
+        .and_then(|l| l.split("': ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|mhz| mhz.parse::<f64>().ok())
+        .ok_or_else(|| SimError(format!("no maximum frequency in {}", dir.join("nextpnr.log").display())))?;
+    Ok(PlaceRouteReport { device: "iCE40 HX8K (CT256)", logic_cells, logic_cells_available, fmax_mhz })
 }
