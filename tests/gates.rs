@@ -77,3 +77,16 @@ fn icarus_matches_golden_small_configs() {
         std::fs::remove_dir_all(&sim.work_dir).unwrap();
     }
 }
+
+#[test]
+fn ice40_place_and_route_reports_fmax() {
+    let r = resolve((2, 4, 2, 4, 2, 2));
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = generator::generate_rtl(&r);
+    files.extend(generator::generate_fmax_wrapper(&r));
+    generator::write_files(dir.path(), &files).unwrap();
+    let report = synthesis::place_and_route_ice40(dir.path(), &files).unwrap();
+    assert!(report.logic_cells > 0, "no logic cells placed");
+    assert!(report.logic_cells <= report.logic_cells_available, "{report:?}");
+    assert!(report.fmax_mhz > 1.0 && report.fmax_mhz < 1000.0, "implausible maximum frequency {report:?}");
+}
