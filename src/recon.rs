@@ -280,6 +280,32 @@ mod tests {
         }
     }
 
+    /// All subsets of `from` with `k` elements.
+    fn subsets(k: usize, from: &[usize]) -> Vec<Vec<usize>> {
+        (0u32..(1 << from.len()))
+            .filter(|mask| mask.count_ones() as usize == k)
+            .map(|mask| (0..from.len()).filter(|i| mask >> i & 1 == 1).map(|i| from[i]).collect())
+            .collect()
+    }
+
+    #[test]
+    fn every_pair_set_routes_up_to_eight_lanes() {
+        for m in [2usize, 4, 8] {
+            let lanes: Vec<usize> = (0..m).collect();
+            for n in 1..=m / 2 {
+                for outliers in subsets(n, &lanes) {
+                    let rest: Vec<usize> = lanes.iter().copied().filter(|l| !outliers.contains(l)).collect();
+                    for pruned in subsets(n, &rest) {
+                        let route = route(m, &outliers, &pruned);
+                        assert!(route.is_some(), "m={m} outliers={outliers:?} pruned={pruned:?} does not route");
+                        let route = route.unwrap();
+                        assert!(merges_pairs(m, &route.pairs, &route.commands), "m={m} {outliers:?} {pruned:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn numeric_merge_matches_pairs() {
         let r = route(8, &[0, 5], &[3, 6]).expect("routable");
