@@ -43,6 +43,8 @@ pub enum Command {
     Lint(ConfigArgs),
     /// Synthesize the generated Verilog with Yosys and report resources per module.
     Synth(SynthArgs),
+    /// Measure model accuracy after quantizing every linear layer with each method.
+    Eval(EvalArgs),
 }
 
 #[derive(Args, Debug)]
@@ -265,6 +267,39 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model to evaluate: glassllm (perplexity), minilm (embedding cosine to FP32) or all.
+    #[arg(long, value_enum, default_value = "all")]
+    pub model: EvalModelArg,
+    /// Inlier bit widths b, comma-separated; FP32 runs once.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub bits: Vec<u32>,
+    /// glassllm windows of 128 tokens: the first N of the 354 from Hamlet and Othello.
+    #[arg(long, value_name = "N")]
+    pub windows: Option<usize>,
+    /// MiniLM sentences: lines of Julius Caesar.
+    #[arg(long, value_name = "N", default_value_t = crate::eval::DEFAULT_SENTENCES)]
+    pub sentences: usize,
+    /// Write the rows as CSV to this file.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Draw perplexity and cosine against EBW as an SVG plot to this file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Print one JSON object per row instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Model choices of `eval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EvalModelArg {
+    Glassllm,
+    Minilm,
+    All,
+}
+
 /// Runs the parsed command; returns the process exit code.
 pub fn main_with(cli: Cli) -> Result<i32, String> {
     match cli.command {
@@ -274,6 +309,7 @@ pub fn main_with(cli: Cli) -> Result<i32, String> {
         Command::Run(args) => run(args),
         Command::Lint(args) => lint(args),
         Command::Synth(args) => synth(args),
+        Command::Eval(args) => eval(args),
     }
 }
 
@@ -460,6 +496,7 @@ fn read_image_dir(dir: &Path) -> Result<(Resolved, image::Image, golden::Predict
     if image.row_words.len() != stored || image.act_words.len() != image.k_tiles * image.vectors {
         return Err(format!("{}: the hex files do not match the shapes in manifest.json; quantize again", dir.display()));
     }
+    golden::validate(&r, &image).map_err(|e| format!("{}: {e}; quantize again", dir.display()))?;
     let prediction = golden::predict(&r, &image);
     let expected = parse("expected.hex", r.cols as u32 * r.acc_width)?;
     let acc = r.acc_width as usize;
@@ -640,6 +677,46 @@ fn synth(args: SynthArgs) -> Result<i32, String> {
     }
     if args.keep.is_some() {
         println!("  Verilog and Yosys logs: {}", dir.display());
+    }
+    Ok(0)
+}
+
+fn eval(args: EvalArgs) -> Result<i32, String> {
+    use crate::eval::{self, EvalModel};
+
+    let models = match args.model {
+        EvalModelArg::Glassllm => vec![EvalModel::GlassLlm],
+        EvalModelArg::Minilm => vec![EvalModel::MiniLm],
+        EvalModelArg::All => vec![EvalModel::GlassLlm, EvalModel::MiniLm],
+    };
+    let options = eval::EvalOptions {
+        bits: args.bits.clone(),
+        windows: args.windows,
+        sentences: args.sentences,
+        ..eval::EvalOptions::default()
+    };
+    let progress = if args.json {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    } else {
+        indicatif::MultiProgress::new()
+    };
+    let mut rows = Vec::new();
+    for model in models {
+        rows.extend(eval::evaluate(model, &options, &progress)?);
+    }
+
+    if let Some(path) = &args.csv {
+        image::write_atomically(path, eval::to_csv(&rows).as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let svg = eval::plot_svg(&rows)?;
+        image::write_atomically(path, svg.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if args.json {
+        print!("{}", eval::to_json_lines(&rows));
+    } else {
+        print!("{}", eval::format_table(&rows));
     }
     Ok(0)
 }

@@ -200,6 +200,36 @@ pub fn k_tiles_of_passes(routings: &[PassRouting], k_tiles: usize) -> Vec<usize>
         .collect()
 }
 
+/// Checks that an image read from files is consistent: the number of row words matches the
+/// passes, and the number of pair entries matches the flags set in the row words.
+pub fn validate(r: &Resolved, image: &Image) -> Result<(), String> {
+    let passes = pass_count(r, image);
+    let stored: usize = crate::image::rows_per_pass(r, &image.header_words, passes).iter().sum();
+    if stored != image.row_words.len() {
+        return Err(format!(
+            "rows.hex has {} row words, but the {passes} passes need {stored}",
+            image.row_words.len()
+        ));
+    }
+    let meta = r.ublock_meta_bits as usize;
+    let flags: usize = if r.max_pairs == 0 {
+        0
+    } else {
+        image
+            .row_words
+            .iter()
+            .map(|w| (0..r.ublocks_per_row()).filter(|&j| w.get(r.cols * r.b as usize + j * meta, 1) == 1).count())
+            .sum()
+    };
+    if flags != image.pair_words.len() {
+        return Err(format!(
+            "rows.hex flags {flags} micro-blocks with outlier pairs, but pairs.hex has {} entries",
+            image.pair_words.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the golden model on an image.
 pub fn predict(r: &Resolved, image: &Image) -> Prediction {
     let passes = pass_count(r, image);

@@ -11,6 +11,9 @@ use crate::generator::{self, GeneratedFile, TestbenchParams};
 use crate::golden::Prediction;
 use crate::image::{self, Image};
 
+/// Predicted cycle count below which the Verilator model is compiled without optimisation.
+pub const SHORT_RUN_CYCLES: u64 = 20_000;
+
 /// Debian packages that provide the external tools.
 pub const TOOL_PACKAGES: &str = "verilator yosys iverilog nextpnr-ice40 fpga-icestorm";
 
@@ -214,6 +217,11 @@ pub fn simulate(r: &Resolved, image: &Image, predicted_cycles: u64, options: &Si
                 build.args(["--cc", "--exe", "--build", "--timing", "--coverage-line", "sim_main.cpp"]);
             } else {
                 build.args(["--binary"]);
+            }
+            // Short runs spend most of their time compiling the model, so they compile it
+            // without optimisation; long runs keep Verilator's default.
+            if predicted_cycles < SHORT_RUN_CYCLES {
+                build.args(["-MAKEFLAGS", "OPT_FAST=-O0 OPT_GLOBAL=-O0"]);
             }
             build
                 .args(["-j", "2", "--top-module", "msq_tb", "-o", "msq_sim", "--Mdir", "obj"])
