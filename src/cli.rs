@@ -592,7 +592,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             ("EBW (bits/weight)", format!("{:.3}", report.ebw)),
             ("outliers / pruned", format!("{} / {}", report.outliers, report.pruned)),
             ("relative error", format!("{:.5}", report.relative_error)),
-            ("tiles x vectors", format!("{} x {}", report.tiles, report.vectors)),
+            ("tiles (passes) x vectors", format!("{} ({}) x {}", report.tiles, report.passes, report.vectors)),
             ("outputs compared", report.outputs_compared.to_string()),
             ("mismatches", report.mismatches.to_string()),
             ("cycles (RTL / predicted)", format!("{} / {}", report.cycles, report.cycles_predicted)),

@@ -119,7 +119,10 @@ pub struct RunReport {
     pub demoted: usize,
     pub flagged_ublocks: usize,
     pub relative_error: f64,
+    /// Tiles of the layer (column tiles x row tiles).
     pub tiles: usize,
+    /// Passes the array ran: the tiles plus extra passes of split tiles.
+    pub passes: usize,
     pub vectors: usize,
     pub outputs_compared: usize,
     pub mismatches: usize,
@@ -193,7 +196,8 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         demoted: layer.stats.demoted,
         flagged_ublocks: layer.stats.flagged_ublocks,
         relative_error: layer.stats.relative_error,
-        tiles: image.tiles(),
+        tiles: image.n_tiles * image.k_tiles,
+        passes: image.tiles(),
         vectors: image.vectors,
         outputs_compared: comparison.compared,
         mismatches: comparison.mismatches,

@@ -5,9 +5,10 @@
 // Memories are read with one cycle of latency: each address output is a register that points
 // at the next word to read, and the word arrives in the following cycle.
 //
-// Load schedule of one tile: every cycle issues one read. A row word read is followed, when
-// the row holds F flagged micro-blocks, by F pair-entry reads, so a tile takes {= ctx.rows =} + F cycles of
-// reads plus one cycle for the last word. The tile becomes ready the cycle after its last word.
+// Load schedule of one pass: every cycle issues one read. {% if ctx.has_sharing %}The pass header comes first. {% endif %}A row
+// word read is followed, when the row holds F flagged micro-blocks, by F pair-entry reads, so a
+// pass takes {% if ctx.has_sharing %}1 + {% endif %}{= ctx.rows =} + F cycles of reads{% if ctx.has_sharing %} ({= ctx.recon_rows =} rows instead of {= ctx.rows =} for a later pass of a tile){% endif %} plus one
+// cycle for the last word. The pass becomes ready the cycle after its last word.
 // Compute schedule: a ready tile starts when the previous one has issued all of its vectors;
 // the load of the next tile starts in the same cycle.
 module msq_ctrl (

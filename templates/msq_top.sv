@@ -1,7 +1,7 @@
 {% include "header.sv" %}
 // MicroScopiQ accelerator top level: controller, weight decode and PE array with ReCoN.
 //
-// The three memories (row words, {% if ctx.has_pairs %}pair entries, {% endif %}activation words) sit outside and answer
+// The memories (row words, {% if ctx.has_pairs %}pair entries, {% endif %}{% if ctx.has_sharing %}pass headers, {% endif %}activation words) sit outside and answer
 // each address in the next cycle. Each output is one tile's integer column sums for one
 // activation vector; the host scales them by the tile column's exponent and adds the tiles
 // along the input channels.

@@ -88,6 +88,23 @@ fn rtl_matches_golden_with_shared_recon() {
 }
 
 #[test]
+fn icarus_matches_golden_with_shared_recon() {
+    let r = resolve(4, 8, 2, 4, 1);
+    let weights = dense_outliers(16, 24, 7);
+    let layer = quantizer::quantize(&weights, &r);
+    let vectors = random_activations(2, layer.k_pad, r.a, 6);
+    let img = image::build(&layer, &r, &vectors);
+    assert!(img.passes.iter().any(|p| p.same_acts), "no later pass to exercise");
+    let prediction = golden::predict(&r, &img);
+    let options = SimOptions { simulator: simulation::Simulator::Icarus, ..SimOptions::default() };
+    let sim = simulation::simulate(&r, &img, prediction.cycles, &options).unwrap();
+    let comparison = simulation::compare(&prediction, &sim, img.vectors);
+    assert_eq!(comparison.mismatches, 0, "first mismatch {:?}", comparison.first);
+    assert_eq!(comparison.cycles, comparison.cycles_predicted, "cycles");
+    std::fs::remove_dir_all(&sim.work_dir).unwrap();
+}
+
+#[test]
 fn shared_recon_passes_lint_and_yosys() {
     for (rows, cols, b, m, recon_rows) in [(2, 4, 2, 4, 1), (8, 8, 4, 8, 3)] {
         let r = resolve(rows, cols, b, m, recon_rows);
