@@ -114,7 +114,7 @@ pub fn tile_output(r: &Resolved, tile: &TileState, acts: &[i64]) -> Vec<i128> {
     for row in 0..r.rows {
         for j in 0..r.ublocks_per_row() {
             // Products enter ReCoN unshifted, except that an upper half is pre-shifted so it
-            // adds to its lower half; each lane is shifted by its own PE's shift afterwards.
+            // adds to its lower half. Each lane is shifted by its own PE's shift afterwards.
             for (lane, value) in lanes.iter_mut().enumerate() {
                 let pe = tile.pes[row * r.cols + j * r.m + lane];
                 let pre_shift = if pe.hi { r.lo_bits } else { 0 };
@@ -267,8 +267,8 @@ pub fn pass_count(r: &Resolved, image: &Image) -> usize {
 }
 
 /// Cycle count of the controller from the start pulse (cycle 0) to the first cycle with
-/// `done_o` high, for an array of `rows` PE rows and `reads_per_tile[t]` memory reads to load
-/// pass t (its header, its row words and its pair entries).
+/// `done_o` high. The array has `rows` PE rows, and loading pass t takes `reads_per_tile[t]`
+/// memory reads (its header, its row words and its pair entries).
 ///
 /// Pass 0's load starts reading in cycle 2 and pass t's in the cycle after pass t-1 started
 /// computing. A load reads one word per cycle, and the pass is ready two cycles after its last
