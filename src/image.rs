@@ -132,8 +132,8 @@ pub fn rows_per_pass(r: &Resolved, headers: &[BitWord], passes: usize) -> Vec<us
 }
 
 /// Rebuilds the pass list of an image read back from its hex files: a pass that does not
-/// reuse the previous activations starts the next tile. Zero rows cannot be told apart from
-/// rows of zero weights, so every row is reported with its routed channel.
+/// reuse the previous activations starts the next tile. Zero rows look the same as rows of zero
+/// weights, so every row is reported with its routed channel.
 pub fn passes_from_headers(r: &Resolved, passes: usize, headers: &[BitWord], k_tiles: usize) -> Vec<TilePass> {
     let mut logical = 0usize;
     (0..passes)

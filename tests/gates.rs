@@ -88,5 +88,6 @@ fn ice40_place_and_route_reports_fmax() {
     let report = synthesis::place_and_route_ice40(dir.path(), &files).unwrap();
     assert!(report.logic_cells > 0, "no logic cells placed");
     assert!(report.logic_cells <= report.logic_cells_available, "{report:?}");
-    assert!(report.fmax_mhz > 1.0 && report.fmax_mhz < 1000.0, "implausible maximum frequency {report:?}");
+    assert!(report.fmax_mhz > 1.0, "implausibly low maximum frequency {report:?}");
+    assert!(report.fmax_mhz < 1000.0, "implausibly high maximum frequency {report:?}");
 }
