@@ -7,8 +7,11 @@
 //! slot and its lower b bits in a pruned slot. Inliers use sign-magnitude MX-INT-b on the
 //! micro-block's exponent, which sits 0 to 2^u - 1 binades below the macro-block's E8M0 base.
 //!
-//! This version ranks pruning candidates by |w|, which is the saliency w^2 / U_kk^2 with an
-//! identity Hessian. Rounding is to nearest, without error feedback.
+//! [`quantize`] rounds to nearest without error feedback. It is the identity-Hessian case of
+//! GPTQ, so it ranks pruning candidates by the saliency w^2 / U_kk^2 with U_kk = 1, which is
+//! the order of |w|. The steps for one input channel ([`plan_column`], [`base_exponent`],
+//! [`encode_micro_block`]) are public so that the GPTQ column loop in [`crate::gptq`] can run
+//! them one channel at a time on error-updated weights.
 
 use crate::config::{OutlierScope, Resolved};
 use crate::formats::{floor_log2_f64, E8m0};
@@ -79,6 +82,33 @@ pub struct QuantizedLayer {
 }
 
 impl QuantizedLayer {
+    /// Creates a layer of the shape of `weights` with every code zero and the smallest base.
+    pub fn empty(weights: &Matrix, r: &Resolved) -> QuantizedLayer {
+        let (n_out, k_in) = (weights.rows, weights.cols);
+        let (n_pad, k_pad) = padded_shape(n_out, k_in, r);
+        let ub_per_k = n_pad / r.m;
+        let mabs_k = k_pad / r.mab_rows;
+        QuantizedLayer {
+            name: weights.name.clone(),
+            n_out,
+            k_in,
+            n_pad,
+            k_pad,
+            bases: vec![E8m0::from_exponent(E8m0::MIN_EXPONENT); mabs_k * ub_per_k],
+            micro_exps: vec![0; k_pad * ub_per_k],
+            slots: vec![0; k_pad * n_pad],
+            pair_index: vec![u32::MAX; k_pad * ub_per_k],
+            pair_blocks: Vec::new(),
+            dequant: vec![0.0; n_out * k_in],
+            stats: LayerStats {
+                weights: n_out * k_in,
+                ublocks: k_pad * ub_per_k,
+                pairs_histogram: vec![0; r.max_pairs + 1],
+                ..LayerStats::default()
+            },
+        }
+    }
+
     /// Micro-blocks per input channel.
     pub fn ublocks_per_channel(&self, m: usize) -> usize {
         self.n_pad / m
@@ -88,6 +118,65 @@ impl QuantizedLayer {
     pub fn pair_block(&self, k: usize, ublock: usize, m: usize) -> Option<&PairBlock> {
         let index = self.pair_index[k * (self.n_pad / m) + ublock];
         (index != u32::MAX).then(|| &self.pair_blocks[index as usize])
+    }
+
+    /// Writes micro-block `ublock` of input channel `k`: slots, micro-exponent, dequantized
+    /// values, pair entry and counts.
+    ///
+    /// Pair entries are appended, so callers store micro-blocks in the order (macro-block
+    /// row, micro-block, input channel) to get the entry order of [`quantize`].
+    pub fn store_micro_block(
+        &mut self,
+        r: &Resolved,
+        k: usize,
+        ublock: usize,
+        block: &MicroBlock,
+        encoded: &EncodedBlock,
+    ) {
+        let m = r.m;
+        let ub_per_k = self.n_pad / m;
+        self.micro_exps[k * ub_per_k + ublock] = encoded.micro_exp as u8;
+        for i in 0..m {
+            let n = ublock * m + i;
+            self.slots[k * self.n_pad + n] = encoded.slots[i];
+            if block.real[i] {
+                self.dequant[n * self.k_in + k] = encoded.values[i];
+            }
+        }
+        self.stats.demoted += block.demoted;
+        let pairs = block.route.pairs.len();
+        self.stats.pairs_histogram[pairs] += 1;
+        if pairs > 0 {
+            self.stats.outliers += pairs;
+            self.stats.pruned += pairs;
+            self.stats.flagged_ublocks += 1;
+            if encoded.offset_clamped {
+                self.stats.offset_clamped += pairs;
+            }
+            self.pair_index[k * ub_per_k + ublock] = self.pair_blocks.len() as u32;
+            self.pair_blocks.push(PairBlock {
+                k,
+                ublock,
+                pairs: block.route.pairs.clone(),
+                offset_code: encoded.offset_code,
+                commands: block.route.commands.clone(),
+            });
+        }
+    }
+
+    /// Sets `stats.relative_error` to ||W - Q(W)||_F / ||W||_F over the original `weights`.
+    pub fn set_relative_error(&mut self, weights: &Matrix) {
+        let mut err = 0.0;
+        let mut norm = 0.0;
+        for n in 0..self.n_out {
+            for k in 0..self.k_in {
+                let w = weights.get(n, k) as f64;
+                let d = self.dequant[n * self.k_in + k] - w;
+                err += d * d;
+                norm += w * w;
+            }
+        }
+        self.stats.relative_error = if norm > 0.0 { (err / norm).sqrt() } else { 0.0 };
     }
 }
 
@@ -101,7 +190,13 @@ fn round_up(value: usize, multiple: usize) -> usize {
     value.div_ceil(multiple).max(1) * multiple
 }
 
-/// Mean and population standard deviation of the finite values.
+/// Returns `(n_pad, k_pad)`: the output channels padded to a multiple of the array columns
+/// and the input channels padded to a multiple of the macro-block rows.
+pub fn padded_shape(n_out: usize, k_in: usize, r: &Resolved) -> (usize, usize) {
+    (round_up(n_out, r.cols), round_up(k_in, r.mab_rows))
+}
+
+/// Mean and population standard deviation of the values.
 fn mean_std(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let count = values.clone().count();
     if count == 0 {
@@ -112,226 +207,256 @@ fn mean_std(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// One micro-block while it is being quantized.
-struct Block {
-    values: Vec<f64>,
-    real: Vec<bool>,
-    outliers: Vec<usize>,
-    pruned: Vec<usize>,
-    route: recon::Route,
+/// Layer weights as f64 input-channel columns, `data[k * n_out + n]`.
+///
+/// The GPTQ loop updates these values in place, while [`quantize`] only reads them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Columns {
+    pub n_out: usize,
+    pub k_in: usize,
+    pub data: Vec<f64>,
 }
 
-/// Quantizes `weights` (`[out, in]`) with the configuration `r`.
-pub fn quantize(weights: &Matrix, r: &Resolved) -> QuantizedLayer {
-    let n_out = weights.rows;
-    let k_in = weights.cols;
-    let m = r.m;
-    let n_pad = round_up(n_out, r.cols);
-    let k_pad = round_up(k_in, r.mab_rows);
-    let ub_per_k = n_pad / m;
-    let mabs_k = k_pad / r.mab_rows;
+impl Columns {
+    /// Copies an `[out, in]` matrix into columns, widening each value exactly to f64.
+    pub fn from_matrix(weights: &Matrix) -> Columns {
+        let (n_out, k_in) = (weights.rows, weights.cols);
+        let mut data = vec![0.0; n_out * k_in];
+        for n in 0..n_out {
+            for k in 0..k_in {
+                data[k * n_out + n] = weights.get(n, k) as f64;
+            }
+        }
+        Columns { n_out, k_in, data }
+    }
 
-    let mut layer = QuantizedLayer {
-        name: weights.name.clone(),
-        n_out,
-        k_in,
-        n_pad,
-        k_pad,
-        bases: vec![E8m0::from_exponent(E8m0::MIN_EXPONENT); mabs_k * ub_per_k],
-        micro_exps: vec![0; k_pad * ub_per_k],
-        slots: vec![0; k_pad * n_pad],
-        pair_index: vec![u32::MAX; k_pad * ub_per_k],
-        pair_blocks: Vec::new(),
-        dequant: vec![0.0; n_out * k_in],
-        stats: LayerStats {
-            weights: n_out * k_in,
-            ublocks: k_pad * ub_per_k,
-            pairs_histogram: vec![0; r.max_pairs + 1],
-            ..LayerStats::default()
-        },
-    };
+    /// Returns the `n_out` values of input channel `k`.
+    pub fn column(&self, k: usize) -> &[f64] {
+        &self.data[k * self.n_out..(k + 1) * self.n_out]
+    }
 
-    let column_stats: Vec<(f64, f64)> = (0..k_in)
-        .map(|k| mean_std((0..n_out).map(move |n| weights.get(n, k) as f64)))
+    /// Returns the `n_out` values of input channel `k` for updating.
+    pub fn column_mut(&mut self, k: usize) -> &mut [f64] {
+        &mut self.data[k * self.n_out..(k + 1) * self.n_out]
+    }
+
+    /// Value at output `n` and input `k`, or `None` in the zero padding.
+    fn value(&self, n: usize, k: usize) -> Option<f64> {
+        (n < self.n_out && k < self.k_in).then(|| self.data[k * self.n_out + n])
+    }
+}
+
+/// One micro-block after outlier detection, pruning and routing, before encoding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MicroBlock {
+    /// Weight values of the M lanes, 0 in the padding.
+    pub values: Vec<f64>,
+    /// Lanes that hold a weight of the original tensor (false in the padding).
+    pub real: Vec<bool>,
+    /// Outlier lanes, ascending.
+    pub outliers: Vec<usize>,
+    /// Pruned lanes, ascending.
+    pub pruned: Vec<usize>,
+    /// Pairing and ReCoN commands.
+    pub route: recon::Route,
+    /// Outlier candidates dropped because their set could not be routed.
+    pub demoted: usize,
+}
+
+impl MicroBlock {
+    /// Inliers that are kept (neither outlier nor pruned).
+    fn kept_inliers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.values.len()).filter(|i| !self.outliers.contains(i) && !self.pruned.contains(i))
+    }
+
+    /// Exponent the inliers need as base when they sit on the micro-exponent d = 0.
+    fn natural_inlier_exponent(&self, r: &Resolved) -> Option<i32> {
+        let max = self.kept_inliers().map(|i| self.values[i].abs()).fold(0.0, f64::max);
+        floor_log2_f64(max).map(|e| e - r.int_format.emax())
+    }
+
+    /// Element exponent of the largest outlier in the outlier format.
+    fn natural_outlier_exponent(&self, r: &Resolved) -> Option<i32> {
+        let max = self.outliers.iter().map(|&i| self.values[i].abs()).fold(0.0, f64::max);
+        let fp = r.outlier?;
+        floor_log2_f64(max).map(|e| e - fp.emax())
+    }
+}
+
+/// A micro-block encoded at one micro-exponent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedBlock {
+    /// Micro-exponent d: the inliers sit d binades below the base.
+    pub micro_exp: u32,
+    /// Slot codes of the M lanes.
+    pub slots: Vec<u8>,
+    /// Dequantized lane values: the inlier value, the outlier's full value, 0 when pruned.
+    pub values: Vec<f64>,
+    /// Stored outlier exponent offset code (0 without pairs).
+    pub offset_code: u32,
+    /// The outlier offset was clamped to the largest stored offset.
+    pub offset_clamped: bool,
+}
+
+/// Saliency of pruning the weight `w`: w^2 / u^2, where `u` is the diagonal entry of the
+/// upper Cholesky factor of H^-1 for the weight's input channel (1 with an identity Hessian).
+///
+/// It is proportional to the loss increase (Optimal Brain Surgeon) of setting `w` to zero
+/// while the channels not yet quantized compensate, because u^2 is the diagonal entry of
+/// their inverse Hessian.
+pub fn saliency(w: f64, u: f64) -> f64 {
+    w * w / (u * u)
+}
+
+/// Returns the `count` least salient lanes that are not in `excluded`, least salient first.
+///
+/// Lane i has saliency [`saliency`]`(values[i], u[i])`. Equal saliencies rank the smaller
+/// |w| first and then the lower index, so lanes that share one `u` rank exactly by |w|.
+pub fn least_salient(values: &[f64], u: &[f64], excluded: &[usize], count: usize) -> Vec<usize> {
+    assert_eq!(values.len(), u.len(), "one Cholesky diagonal entry per lane");
+    let mut candidates: Vec<usize> = (0..values.len()).filter(|i| !excluded.contains(i)).collect();
+    candidates.sort_by(|&a, &b| {
+        saliency(values[a], u[a])
+            .total_cmp(&saliency(values[b], u[b]))
+            .then(values[a].abs().total_cmp(&values[b].abs()))
+    });
+    candidates.truncate(count);
+    candidates
+}
+
+/// Returns the outlier candidates of one micro-block: real lanes with |w - mean| >
+/// k_sigma * std, largest magnitude first (ties to the lower lane), at most `max_pairs`.
+pub fn outlier_candidates(values: &[f64], real: &[bool], mean: f64, std: f64, r: &Resolved) -> Vec<usize> {
+    let mut candidates: Vec<usize> = (0..values.len())
+        .filter(|&i| real[i] && std > 0.0 && (values[i] - mean).abs() > r.k_sigma * std)
         .collect();
-
-    for kb in 0..mabs_k {
-        for nb in 0..ub_per_k {
-            quantize_macro_block(weights, r, &column_stats, kb, nb, &mut layer);
-        }
-    }
-
-    let mut err = 0.0;
-    let mut norm = 0.0;
-    for n in 0..n_out {
-        for k in 0..k_in {
-            let w = weights.get(n, k) as f64;
-            let d = layer.dequant[n * k_in + k] - w;
-            err += d * d;
-            norm += w * w;
-        }
-    }
-    layer.stats.relative_error = if norm > 0.0 { (err / norm).sqrt() } else { 0.0 };
-    layer
+    // The stable sort keeps the lower index first on ties.
+    candidates.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()));
+    candidates.truncate(r.max_pairs);
+    candidates
 }
 
-fn quantize_macro_block(
-    weights: &Matrix,
-    r: &Resolved,
-    column_stats: &[(f64, f64)],
-    kb: usize,
-    nb: usize,
-    layer: &mut QuantizedLayer,
-) {
-    let m = r.m;
-    let n_out = weights.rows;
-    let k_in = weights.cols;
-    let ub_per_k = layer.n_pad / m;
-    let k_range = kb * r.mab_rows..(kb + 1) * r.mab_rows;
+/// Detects the outliers of one micro-block from the scope statistics `(mean, std)`, prunes
+/// as many of the least salient inliers, and routes the pairs through ReCoN.
+///
+/// `u` contains each lane's Cholesky diagonal entry for [`least_salient`]. While ReCoN cannot
+/// merge the set in one pass, the smallest outlier is demoted to an inlier.
+pub fn plan_micro_block(values: Vec<f64>, real: Vec<bool>, stats: (f64, f64), u: &[f64], r: &Resolved) -> MicroBlock {
+    let (mean, std) = stats;
+    let mut candidates = outlier_candidates(&values, &real, mean, std, r);
+    let mut demoted = 0;
+    loop {
+        let mut pruned = least_salient(&values, u, &candidates, candidates.len());
+        let mut outliers = candidates.clone();
+        outliers.sort_unstable();
+        pruned.sort_unstable();
+        if let Some(route) = recon::route(r.m, &outliers, &pruned) {
+            return MicroBlock { values, real, outliers, pruned, route, demoted };
+        }
+        // NOTE: an unroutable set loses its smallest outlier; multi-pass ReCoN would keep it.
+        candidates.pop();
+        demoted += 1;
+    }
+}
 
-    let value_at = |n: usize, k: usize| -> Option<f64> {
-        (n < n_out && k < k_in).then(|| weights.get(n, k) as f64)
-    };
-    let mab_stats = if r.scope == OutlierScope::MacroBlock {
-        let values: Vec<f64> = k_range
-            .clone()
-            .flat_map(|k| (0..m).filter_map(move |i| value_at(nb * m + i, k)))
-            .collect();
-        mean_std(values.iter().copied())
+/// Plans every micro-block of input channel `k` from the current values in `weights`.
+///
+/// The outlier statistics come from the configured scope: the whole channel, the R x M
+/// values of the macro-block (all R channels as they are in `weights` now), or the
+/// micro-block. `u` is the channel's Cholesky diagonal entry, shared by all its lanes.
+/// Channels at or beyond `weights.k_in` are zero padding. Returns `n_pad / M` blocks.
+pub fn plan_column(weights: &Columns, r: &Resolved, k: usize, n_pad: usize, u: f64) -> Vec<MicroBlock> {
+    let m = r.m;
+    let column_stats = if r.scope == OutlierScope::Column && k < weights.k_in {
+        mean_std(weights.column(k).iter().copied())
     } else {
         (0.0, 0.0)
     };
+    let kb = k / r.mab_rows;
+    let k_range = kb * r.mab_rows..(kb + 1) * r.mab_rows;
+    let lane_u = vec![u; m];
+    (0..n_pad / m)
+        .map(|nb| {
+            let values: Vec<f64> = (0..m).map(|i| weights.value(nb * m + i, k).unwrap_or(0.0)).collect();
+            let real: Vec<bool> = (0..m).map(|i| weights.value(nb * m + i, k).is_some()).collect();
+            let stats = match r.scope {
+                OutlierScope::Column => column_stats,
+                OutlierScope::MacroBlock => {
+                    let scope: Vec<f64> = k_range
+                        .clone()
+                        .flat_map(|kk| (0..m).filter_map(move |i| weights.value(nb * m + i, kk)))
+                        .collect();
+                    mean_std(scope.iter().copied())
+                }
+                OutlierScope::MicroBlock => mean_std((0..m).filter(|&i| real[i]).map(|i| values[i])),
+            };
+            plan_micro_block(values, real, stats, &lane_u, r)
+        })
+        .collect()
+}
 
-    // Outlier detection, pruning and routing, one micro-block per input channel.
-    let mut blocks: Vec<Block> = Vec::with_capacity(r.mab_rows);
-    for k in k_range.clone() {
-        let values: Vec<f64> = (0..m).map(|i| value_at(nb * m + i, k).unwrap_or(0.0)).collect();
-        let real: Vec<bool> = (0..m).map(|i| value_at(nb * m + i, k).is_some()).collect();
-        let (mean, std) = match r.scope {
-            OutlierScope::Column if k < k_in => column_stats[k],
-            OutlierScope::Column => (0.0, 0.0),
-            OutlierScope::MacroBlock => mab_stats,
-            OutlierScope::MicroBlock => {
-                mean_std((0..m).filter(|&i| real[i]).map(|i| values[i]))
-            }
-        };
-        let mut candidates: Vec<usize> = (0..m)
-            .filter(|&i| real[i] && std > 0.0 && (values[i] - mean).abs() > r.k_sigma * std)
-            .collect();
-        // Largest magnitude first; the stable sort keeps the lower index first on ties.
-        candidates.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()));
-        candidates.truncate(r.max_pairs);
-
-        loop {
-            let pruned = least_salient(&values, &candidates, candidates.len());
-            let mut outliers = candidates.clone();
-            outliers.sort_unstable();
-            let mut pruned_sorted = pruned.clone();
-            pruned_sorted.sort_unstable();
-            if let Some(route) = recon::route(m, &outliers, &pruned_sorted) {
-                blocks.push(Block { values, real, outliers, pruned: pruned_sorted, route });
-                break;
-            }
-            // NOTE: an unroutable set loses its smallest outlier; multi-pass ReCoN would keep it.
-            candidates.pop();
-            layer.stats.demoted += 1;
-        }
-    }
-
-    // Base exponent: the largest natural exponent among the micro-blocks, raised where an
-    // outlier would otherwise need an offset above the stored range.
-    let fp = r.outlier;
-    let natural_inlier = |b: &Block| -> Option<i32> {
-        let max = kept_inliers(b).map(|i| b.values[i].abs()).fold(0.0, f64::max);
-        floor_log2_f64(max).map(|e| e - r.int_format.emax())
-    };
-    let natural_outlier = |b: &Block| -> Option<i32> {
-        let max = b.outliers.iter().map(|&i| b.values[i].abs()).fold(0.0, f64::max);
-        let fp = fp?;
-        floor_log2_f64(max).map(|e| e - fp.emax())
-    };
+/// Base exponent of one macro-block column from its planned micro-blocks (one per input
+/// channel): the largest natural inlier exponent, raised where an outlier would otherwise
+/// need an offset above the stored range.
+pub fn base_exponent<'a>(blocks: impl IntoIterator<Item = &'a MicroBlock>, r: &Resolved) -> E8m0 {
     let mut base: Option<i32> = None;
-    for b in &blocks {
-        let wanted = [natural_inlier(b), natural_outlier(b).map(|e| e - r.offset_max())];
+    for block in blocks {
+        let wanted = [
+            block.natural_inlier_exponent(r),
+            block.natural_outlier_exponent(r).map(|e| e - r.offset_max()),
+        ];
         for e in wanted.into_iter().flatten() {
             base = Some(base.map_or(e, |x: i32| x.max(e)));
         }
     }
-    let base = E8m0::from_exponent(base.unwrap_or(E8m0::MIN_EXPONENT));
-    let beta = base.exponent().expect("the quantizer never writes the NaN scale");
-    layer.bases[kb * ub_per_k + nb] = base;
+    E8m0::from_exponent(base.unwrap_or(E8m0::MIN_EXPONENT))
+}
 
-    for (row, block) in blocks.iter().enumerate() {
-        let k = kb * r.mab_rows + row;
-        let nat_out = natural_outlier(block);
-        let mut best: Option<(f64, u32)> = None;
-        for d in 0..=r.micro_exp_max() {
-            let e_in = beta - d as i32;
-            let (err, _) = encode_block(r, block, e_in, nat_out);
-            if best.is_none_or(|(e, _)| err < e) {
-                best = Some((err, d));
-            }
-        }
-        let (_, d) = best.expect("at least one micro-exponent");
-        let e_in = beta - d as i32;
-        let (_, encoded) = encode_block(r, block, e_in, nat_out);
-        layer.micro_exps[k * ub_per_k + nb] = d as u8;
-        for i in 0..m {
-            layer.slots[k * layer.n_pad + nb * m + i] = encoded.slots[i];
-            let n = nb * m + i;
-            if block.real[i] {
-                layer.dequant[n * k_in + k] = encoded.values[i];
-            }
-        }
-        let pairs = block.route.pairs.len();
-        layer.stats.pairs_histogram[pairs] += 1;
-        if pairs > 0 {
-            layer.stats.outliers += pairs;
-            layer.stats.pruned += pairs;
-            layer.stats.flagged_ublocks += 1;
-            if encoded.offset_clamped {
-                layer.stats.offset_clamped += pairs;
-            }
-            layer.pair_index[k * ub_per_k + nb] = layer.pair_blocks.len() as u32;
-            layer.pair_blocks.push(PairBlock {
-                k,
-                ublock: nb,
-                pairs: block.route.pairs.clone(),
-                offset_code: encoded.offset_code,
-                commands: block.route.commands.clone(),
-            });
+/// Encodes one micro-block under the base exponent `base` at the micro-exponent with the
+/// smallest squared error (the smaller d on ties).
+pub fn encode_micro_block(block: &MicroBlock, base: E8m0, r: &Resolved) -> EncodedBlock {
+    let beta = base.exponent().expect("the quantizer never writes the NaN scale");
+    let nat_out = block.natural_outlier_exponent(r);
+    let mut best: Option<(f64, EncodedBlock)> = None;
+    for d in 0..=r.micro_exp_max() {
+        let (err, encoded) = encode_at(r, block, d, beta - d as i32, nat_out);
+        if best.as_ref().is_none_or(|(e, _)| err < *e) {
+            best = Some((err, encoded));
         }
     }
+    best.expect("at least one micro-exponent").1
 }
 
-/// Inliers that are kept (neither outlier nor pruned).
-fn kept_inliers(b: &Block) -> impl Iterator<Item = usize> + '_ {
-    (0..b.values.len()).filter(|i| !b.outliers.contains(i) && !b.pruned.contains(i))
+/// Quantizes `weights` (`[out, in]`) with the configuration `r`.
+pub fn quantize(weights: &Matrix, r: &Resolved) -> QuantizedLayer {
+    let columns = Columns::from_matrix(weights);
+    let mut layer = QuantizedLayer::empty(weights, r);
+    let ub_per_k = layer.n_pad / r.m;
+    for kb in 0..layer.k_pad / r.mab_rows {
+        let plans: Vec<Vec<MicroBlock>> = (kb * r.mab_rows..(kb + 1) * r.mab_rows)
+            .map(|k| plan_column(&columns, r, k, layer.n_pad, 1.0))
+            .collect();
+        for nb in 0..ub_per_k {
+            let base = base_exponent(plans.iter().map(|plan| &plan[nb]), r);
+            layer.bases[kb * ub_per_k + nb] = base;
+            for (row, plan) in plans.iter().enumerate() {
+                let encoded = encode_micro_block(&plan[nb], base, r);
+                layer.store_micro_block(r, kb * r.mab_rows + row, nb, &plan[nb], &encoded);
+            }
+        }
+    }
+    layer.set_relative_error(weights);
+    layer
 }
 
-/// Returns the `count` least salient non-outlier lanes; ties go to the lower index.
-fn least_salient(values: &[f64], outliers: &[usize], count: usize) -> Vec<usize> {
-    let mut inliers: Vec<usize> = (0..values.len()).filter(|i| !outliers.contains(i)).collect();
-    inliers.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()));
-    inliers.truncate(count);
-    inliers
-}
-
-struct Encoded {
-    slots: Vec<u8>,
-    values: Vec<f64>,
-    offset_code: u32,
-    offset_clamped: bool,
-}
-
-/// Encodes one micro-block at inlier exponent `e_in`; returns the squared error over the kept
-/// values (inliers and outliers) and the encoding.
-fn encode_block(r: &Resolved, block: &Block, e_in: i32, nat_out: Option<i32>) -> (f64, Encoded) {
+/// Encodes one micro-block at micro-exponent `d` (inlier exponent `e_in`) and returns the
+/// squared error over the kept values (inliers and outliers) and the encoding.
+fn encode_at(r: &Resolved, block: &MicroBlock, d: u32, e_in: i32, nat_out: Option<i32>) -> (f64, EncodedBlock) {
     let m = block.values.len();
     let mut slots = vec![0u8; m];
     let mut values = vec![0.0; m];
     let mut err = 0.0;
-    for i in kept_inliers(block) {
+    for i in block.kept_inliers() {
         let q = r.int_format.quantize(block.values[i], e_in, r.rounding);
         slots[i] = r.int_format.encode(q) as u8;
         values[i] = r.int_format.value(q, e_in);
@@ -340,19 +465,43 @@ fn encode_block(r: &Resolved, block: &Block, e_in: i32, nat_out: Option<i32>) ->
     let mut offset_code = 0;
     let mut offset_clamped = false;
     if let (Some(fp), Some(nat)) = (r.outlier, nat_out) {
+        // The floor rule of MX scales puts the largest outlier at most at 2^(emax+1) times the
+        // scale, where the element format saturates below it (7.9 at scale 2^0 clips to 6 in
+        // E2M1). One binade more often fits better, so both offsets are tried and the one with
+        // the smaller squared error over the outliers is kept; a tie keeps the finer one.
         let wanted = nat - e_in;
-        let offset = wanted.clamp(r.offset_min, r.offset_max());
-        offset_clamped = offset != wanted && wanted > r.offset_max();
-        offset_code = (offset - r.offset_min) as u32;
-        let e_out = e_in + offset;
         let mask = (1u32 << r.b) - 1;
-        for &(o, p) in &block.route.pairs {
-            let code = fp.encode(block.values[o] * pow2(-e_out), r.rounding);
+        let encode_outliers = |offset: i32| -> (f64, Vec<(u32, f64)>) {
+            let e_out = e_in + offset;
+            let mut error = 0.0;
+            let mut codes = Vec::with_capacity(block.route.pairs.len());
+            for &(o, _) in &block.route.pairs {
+                let code = fp.encode(block.values[o] * pow2(-e_out), r.rounding);
+                let value = fp.decode(code) * pow2(e_out);
+                error += (value - block.values[o]).powi(2);
+                codes.push((code, value));
+            }
+            (error, codes)
+        };
+        let first = wanted.clamp(r.offset_min, r.offset_max());
+        let second = (wanted + 1).clamp(r.offset_min, r.offset_max());
+        let (mut offset, (mut outlier_err, mut codes)) = (first, encode_outliers(first));
+        if second != first {
+            let (second_err, second_codes) = encode_outliers(second);
+            if second_err < outlier_err {
+                offset = second;
+                outlier_err = second_err;
+                codes = second_codes;
+            }
+        }
+        offset_clamped = wanted > r.offset_max();
+        offset_code = (offset - r.offset_min) as u32;
+        for (&(o, p), &(code, value)) in block.route.pairs.iter().zip(&codes) {
             slots[o] = (code >> r.b) as u8;
             slots[p] = (code & mask) as u8;
-            values[o] = fp.decode(code) * pow2(e_out);
-            err += (values[o] - block.values[o]).powi(2);
+            values[o] = value;
         }
+        err += outlier_err;
     }
-    (err, Encoded { slots, values, offset_code, offset_clamped })
+    (err, EncodedBlock { micro_exp: d, slots, values, offset_code, offset_clamped })
 }

@@ -107,7 +107,6 @@ fn minilm_microblock_keeps_outlier() {
 /// natural exponent 0 the E2M1 maximum is 6, so 7.9148 clips by 24 %, while at exponent 1,
 /// one offset code higher, it rounds to 8.
 #[test]
-#[ignore = "bug: the quantizer takes the outlier scale from floor(log2 |w|) only, so 7.9148 clips to 6 although the offset range allows the scale at which it rounds to 8"]
 fn minilm_outlier_scale_avoids_clipping() {
     let Some(w) = common::load_minilm("minilm_outlier_scale_avoids_clipping", common::FFN_OUTPUT) else { return };
     let r = common::resolve(&Config::default_config());
