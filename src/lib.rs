@@ -7,10 +7,13 @@
 pub mod bits;
 pub mod cli;
 pub mod config;
+pub mod eval;
 pub mod flow;
 pub mod formats;
 pub mod generator;
 pub mod golden;
+pub mod gptq;
+pub mod hessian;
 pub mod image;
 pub mod models;
 pub mod quantizer;
