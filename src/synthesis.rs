@@ -58,10 +58,19 @@ pub fn check(dir: &Path, files: &[GeneratedFile]) -> Result<SynthesisReport, Sim
             warnings.join("\n")
         )));
     }
-    let stat = std::fs::read_to_string(dir.join("yosys_stat.json"))
-        .map_err(|e| SimError(format!("cannot read {}: {e}", dir.join("yosys_stat.json").display())))?;
-    // Yosys 0.23 prints its hierarchy summary as bare text lines inside the JSON when the
-    // design has a top module, so only lines that can belong to JSON are kept.
+    let json = read_stat_json(&dir.join("yosys_stat.json"))?;
+    let cells = json["design"]["num_cells"]
+        .as_u64()
+        .ok_or_else(|| SimError(format!("{} lacks design.num_cells", dir.join("yosys_stat.json").display())))?;
+    Ok(SynthesisReport { cells })
+}
+
+/// Reads a file written by Yosys `stat -json`.
+///
+/// Yosys 0.23 prints its hierarchy summary as bare text lines inside the JSON when the design
+/// has a top module, so only lines that can belong to JSON are kept.
+fn read_stat_json(path: &Path) -> Result<serde_json::Value, SimError> {
+    let stat = std::fs::read_to_string(path).map_err(|e| SimError(format!("cannot read {}: {e}", path.display())))?;
     let cleaned: String = stat
         .lines()
         .filter(|line| {
@@ -70,12 +79,7 @@ pub fn check(dir: &Path, files: &[GeneratedFile]) -> Result<SynthesisReport, Sim
         })
         .map(|line| format!("{line}\n"))
         .collect();
-    let json: serde_json::Value = serde_json::from_str(&cleaned)
-        .map_err(|e| SimError(format!("invalid yosys stat -json output in {}: {e}", dir.join("yosys_stat.json").display())))?;
-    let cells = json["design"]["num_cells"]
-        .as_u64()
-        .ok_or_else(|| SimError(format!("{} lacks design.num_cells", dir.join("yosys_stat.json").display())))?;
-    Ok(SynthesisReport { cells })
+    serde_json::from_str(&cleaned).map_err(|e| SimError(format!("invalid yosys stat -json output in {}: {e}", path.display())))
 }
 
 /// Yosys synthesis flow for resource counts.
@@ -189,18 +193,7 @@ pub fn synthesize(dir: &Path, files: &[GeneratedFile], target: Target) -> Result
             dir.join("resources.log").display()
         )));
     }
-    let stat = std::fs::read_to_string(dir.join("resources.json"))
-        .map_err(|e| SimError(format!("cannot read {}: {e}", dir.join("resources.json").display())))?;
-    let cleaned: String = stat
-        .lines()
-        .filter(|line| {
-            let t = line.trim_start();
-            t.is_empty() || t.starts_with(['"', '{', '}', '[', ']'])
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
-    let json: serde_json::Value = serde_json::from_str(&cleaned)
-        .map_err(|e| SimError(format!("invalid yosys stat -json output in {}: {e}", dir.join("resources.json").display())))?;
+    let json = read_stat_json(&dir.join("resources.json"))?;
     let modules = json["modules"].as_object().ok_or_else(|| SimError("yosys stat -json has no modules".into()))?;
     let name_of = |key: &str| key.trim_start_matches('\\').to_string();
     let own: std::collections::BTreeMap<String, (Resources, Vec<(String, u64)>)> = modules
