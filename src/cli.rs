@@ -234,6 +234,13 @@ pub struct SimulateArgs {
     pub json: bool,
 }
 
+/// Activation sources on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ActivationsArg {
+    Random,
+    Real,
+}
+
 /// Simulator names on the command line.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SimulatorArg {
@@ -253,6 +260,10 @@ pub struct RunArgs {
     /// Seed of the activation vectors.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Activations: seeded random integers, or real inputs of the MiniLM layer captured on
+    /// held-out sentences and quantized to A bits per token.
+    #[arg(long, value_enum, default_value = "random")]
+    pub activations: ActivationsArg,
     /// Keep the Verilator build and run files here (they are kept anyway on a mismatch).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
@@ -569,6 +580,13 @@ fn run(args: RunArgs) -> Result<i32, String> {
         return Err("invalid --vectors 0: at least one activation vector is needed".into());
     }
     let bar = spinner(args.json);
+    let activations = if args.activations == ActivationsArg::Real {
+        bar.set_message(format!("capturing the inputs of {} on held-out sentences", args.tensor.tensor));
+        let rows = flow::capture_minilm_inputs(&args.tensor.tensor, args.vectors)?;
+        Some(flow::quantize_activations(&rows, r.a))
+    } else {
+        None
+    };
     let report = flow::run(
         &r,
         &weights,
@@ -578,6 +596,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             work_dir: args.keep.clone(),
             trace: args.trace,
             coverage: args.coverage,
+            activations,
         },
         &|step| bar.set_message(step.to_string()),
     )?;

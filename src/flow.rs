@@ -48,6 +48,51 @@ pub fn random_activations(count: usize, k: usize, bits: u32, seed: u64) -> Vec<V
     (0..count).map(|_| (0..k).map(|_| rng.range_i64(lo, hi)).collect()).collect()
 }
 
+/// Quantizes real activation rows to `bits`-bit integers, one symmetric scale per row
+/// (max |x| maps to 2^(bits-1) - 1), as the array's integer inputs.
+pub fn quantize_activations(rows: &[Vec<f32>], bits: u32) -> Vec<Vec<i64>> {
+    let max_code = (1i64 << (bits - 1)) - 1;
+    rows.iter()
+        .map(|row| {
+            let max = row.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+            if max == 0.0 {
+                return vec![0; row.len()];
+            }
+            let scale = max as f64 / max_code as f64;
+            row.iter().map(|&x| ((x as f64 / scale).round() as i64).clamp(-max_code, max_code)).collect()
+        })
+        .collect()
+}
+
+/// Captures the input rows of MiniLM layer `tensor` on the evaluation sentences and returns
+/// the first `count` token rows.
+pub fn capture_minilm_inputs(tensor: &str, count: usize) -> Result<Vec<Vec<f32>>, String> {
+    let dir = crate::weights::models_dir().join("all-MiniLM-L6-v2");
+    let model = crate::models::minilm::MiniLm::load(&dir).map_err(|e| e.to_string())?;
+    let tokenizer = crate::models::wordpiece::WordPiece::load(&dir).map_err(|e| e.to_string())?;
+    if !model.linear_layers().iter().any(|(name, _, _)| name == tensor) {
+        return Err(format!("`{tensor}` is not a linear layer of MiniLM; real activations need one of its 36 layers"));
+    }
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    for sentence in crate::eval::minilm_sentences(256)? {
+        if rows.len() >= count {
+            break;
+        }
+        let ids = tokenizer.encode(&sentence);
+        let mut capture = |name: &str, input: &[f32], width: usize| {
+            if name == tensor {
+                rows.extend(input.chunks(width).map(|r| r.to_vec()));
+            }
+        };
+        model.embed(&ids, Some(&mut capture));
+    }
+    rows.truncate(count);
+    if rows.len() < count {
+        return Err(format!("the evaluation sentences give only {} token rows for `{tensor}`, fewer than {count}", rows.len()));
+    }
+    Ok(rows)
+}
+
 /// Checks that the image, decoded the way the hardware decodes it, gives exactly the
 /// quantizer's dequantized weights.
 pub fn check_image_dequantization(layer: &QuantizedLayer, r: &Resolved, image: &Image) -> Result<(), String> {
@@ -146,11 +191,13 @@ pub struct RunOptions {
     pub trace: bool,
     /// Collect Verilator line coverage.
     pub coverage: bool,
+    /// Activation vectors to use instead of seeded random ones (`[v][k]`, k < K_in).
+    pub activations: Option<Vec<Vec<i64>>>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { vectors: 32, seed: 1, work_dir: None, trace: false, coverage: false }
+        RunOptions { vectors: 32, seed: 1, work_dir: None, trace: false, coverage: false, activations: None }
     }
 }
 
@@ -159,7 +206,10 @@ impl Default for RunOptions {
 pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn Fn(&str)) -> Result<RunReport, String> {
     progress("quantizing");
     let layer = quantizer::quantize(weights, r);
-    let vectors = random_activations(options.vectors, layer.k_pad, r.a, options.seed);
+    let vectors = match &options.activations {
+        Some(given) => given.iter().map(|v| (0..layer.k_pad).map(|k| v.get(k).copied().unwrap_or(0)).collect()).collect(),
+        None => random_activations(options.vectors, layer.k_pad, r.a, options.seed),
+    };
     let image = image::build(&layer, r, &vectors);
     progress("checking the image against the quantizer");
     check_image_dequantization(&layer, r, &image)?;
