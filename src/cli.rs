@@ -192,9 +192,25 @@ pub struct QuantizeArgs {
     /// Seed of the activation vectors.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Quantize every linear layer of the model into one image set, one folder per layer.
+    #[arg(long)]
+    pub all_layers: bool,
+    /// Model of --all-layers: minilm (the safetensors file of --weights) or glassllm.
+    #[arg(long, value_enum, default_value = "minilm")]
+    pub model: ModelArg,
+    /// With --all-layers and minilm: quantize the 2-D tensors whose names start with this.
+    #[arg(long, default_value = "encoder.")]
+    pub layers: String,
     /// Print the manifest as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Models that --all-layers can read.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModelArg {
+    Minilm,
+    Glassllm,
 }
 
 #[derive(Args, Debug)]
@@ -358,20 +374,21 @@ struct Manifest {
     files: Vec<&'static str>,
 }
 
-fn quantize(args: QuantizeArgs) -> Result<i32, String> {
-    let r = args.config.resolve()?;
-    let weights = args.tensor.load()?;
-    if args.vectors == 0 {
-        return Err("invalid --vectors 0: at least one activation vector is needed".into());
-    }
-    let bar = spinner(args.json);
-    bar.set_message(format!("quantizing {} [{} x {}]", weights.name, weights.rows, weights.cols));
-    let layer = quantizer::quantize(&weights, &r);
-    let vectors = flow::random_activations(args.vectors, layer.k_pad, r.a, args.seed);
-    let image = image::build(&layer, &r, &vectors);
-    bar.set_message("checking the image and running the golden model");
-    flow::check_image_dequantization(&layer, &r, &image)?;
-    let prediction = golden::predict(&r, &image);
+/// One quantized layer with its image, golden prediction and manifest.
+struct LayerImage {
+    layer: quantizer::QuantizedLayer,
+    image: image::Image,
+    prediction: golden::Prediction,
+    manifest: Manifest,
+}
+
+/// Quantizes one tensor, builds its image with seeded activations and checks it.
+fn build_layer_image(r: &Resolved, weights: &Matrix, vectors: usize, seed: u64) -> Result<LayerImage, String> {
+    let layer = quantizer::quantize(weights, r);
+    let acts = flow::random_activations(vectors, layer.k_pad, r.a, seed);
+    let image = image::build(&layer, r, &acts);
+    flow::check_image_dequantization(&layer, r, &image)?;
+    let prediction = golden::predict(r, &image);
     let mut files = vec!["config.toml", "rows.hex", "acts.hex", "bases.hex", "expected.hex", "dequant.safetensors", "manifest.json"];
     if !image.pair_words.is_empty() {
         files.push("pairs.hex");
@@ -390,42 +407,158 @@ fn quantize(args: QuantizeArgs) -> Result<i32, String> {
         tiles: [image.n_tiles, image.k_tiles],
         passes: image.tiles(),
         vectors: image.vectors,
-        seed: args.seed,
+        seed,
         row_word_bits: r.row_word_bits,
         pair_entry_bits: r.pair_entry_bits,
         acc_width: r.acc_width,
-        ebw: image::effective_bit_width(&layer, &r, &image),
-        weight_image_bits: image::weight_image_bits(&layer, &r, &image),
+        ebw: image::effective_bit_width(&layer, r, &image),
+        weight_image_bits: image::weight_image_bits(&layer, r, &image),
         cycles_predicted: prediction.cycles,
         stats: layer.stats.clone(),
         files,
     };
-    let manifest_text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+    Ok(LayerImage { layer, image, prediction, manifest })
+}
+
+/// Writes the files of one layer image into `dir`.
+fn write_layer_files(dir: &Path, r: &Resolved, item: &LayerImage) -> std::io::Result<()> {
+    let manifest_text = serde_json::to_string_pretty(&item.manifest).expect("manifest serialises");
+    image::write_atomically(&dir.join("config.toml"), r.to_toml().as_bytes())?;
+    image::write_hex_files(dir, &item.image)?;
+    let bases: Vec<String> = item.layer.bases.iter().map(|b| format!("{:02x}", b.0)).collect();
+    image::write_atomically(&dir.join("bases.hex"), (bases.join("\n") + "\n").as_bytes())?;
+    image::write_atomically(&dir.join("expected.hex"), image::expected_hex(&item.prediction.outputs, r).as_bytes())?;
+    write_dequant(&dir.join("dequant.safetensors"), &item.layer)?;
+    image::write_atomically(&dir.join("manifest.json"), manifest_text.as_bytes())
+}
+
+/// Every linear layer of the chosen model, as `[out, in]` matrices.
+fn model_layers(args: &QuantizeArgs) -> Result<Vec<Matrix>, String> {
+    match args.model {
+        ModelArg::Minilm => {
+            let path = args.tensor.weights.clone().unwrap_or_else(default_weights);
+            let prefix = args.layers.clone();
+            weights::load_all_matrices(&path, Layout::OutIn, |name| name.starts_with(&prefix) && name.ends_with(".weight"))
+                .map_err(|e| e.to_string())
+        }
+        ModelArg::Glassllm => {
+            let path = weights::models_dir().join("glassllm").join("en.npz");
+            let model = crate::models::glassllm::GlassLlm::load(&path).map_err(|e| e.to_string())?;
+            Ok(model.linear_layers().iter().filter_map(|(name, _, _)| model.linear_weight(name)).collect())
+        }
+    }
+}
+
+/// Folder name of layer `index` in an image set: the index and the tensor name with every
+/// character outside [A-Za-z0-9._-] replaced.
+fn layer_folder(index: usize, name: &str) -> String {
+    let clean: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    format!("{index:02}_{clean}")
+}
+
+fn quantize(args: QuantizeArgs) -> Result<i32, String> {
+    let r = args.config.resolve()?;
+    if args.vectors == 0 {
+        return Err("invalid --vectors 0: at least one activation vector is needed".into());
+    }
+    if args.all_layers {
+        return quantize_all_layers(&args, &r);
+    }
+    let weights = args.tensor.load()?;
+    let bar = spinner(args.json);
+    bar.set_message(format!("quantizing {} [{} x {}]", weights.name, weights.rows, weights.cols));
+    let item = build_layer_image(&r, &weights, args.vectors, args.seed)?;
     bar.set_message(format!("writing {}", args.out.display()));
-    image::write_dir_atomically(&args.out, |dir| {
-        image::write_atomically(&dir.join("config.toml"), r.to_toml().as_bytes())?;
-        image::write_hex_files(dir, &image)?;
-        let bases: Vec<String> = layer.bases.iter().map(|b| format!("{:02x}", b.0)).collect();
-        image::write_atomically(&dir.join("bases.hex"), (bases.join("\n") + "\n").as_bytes())?;
-        image::write_atomically(&dir.join("expected.hex"), image::expected_hex(&prediction.outputs, &r).as_bytes())?;
-        write_dequant(&dir.join("dequant.safetensors"), &layer)?;
-        image::write_atomically(&dir.join("manifest.json"), manifest_text.as_bytes())
-    })
-    .map_err(|e| format!("cannot write the image to {}: {e}", args.out.display()))?;
+    image::write_dir_atomically(&args.out, |dir| write_layer_files(dir, &r, &item))
+        .map_err(|e| format!("cannot write the image to {}: {e}", args.out.display()))?;
     bar.finish_and_clear();
     if args.json {
-        println!("{manifest_text}");
+        println!("{}", serde_json::to_string_pretty(&item.manifest).expect("manifest serialises"));
     } else {
+        let stats = &item.layer.stats;
         print_table(&[
             ("tensor", format!("{} [{} x {}]", weights.name, weights.rows, weights.cols)),
             ("config", r.hash.clone()),
-            ("EBW (bits/weight)", format!("{:.3}", manifest.ebw)),
-            ("outliers", layer.stats.outliers.to_string()),
-            ("pruned", layer.stats.pruned.to_string()),
-            ("demoted (unroutable)", layer.stats.demoted.to_string()),
-            ("relative error", format!("{:.5}", layer.stats.relative_error)),
+            ("EBW (bits/weight)", format!("{:.3}", item.manifest.ebw)),
+            ("outliers", stats.outliers.to_string()),
+            ("pruned", stats.pruned.to_string()),
+            ("demoted (unroutable)", stats.demoted.to_string()),
+            ("relative error", format!("{:.5}", stats.relative_error)),
             ("image", args.out.display().to_string()),
         ]);
+    }
+    Ok(0)
+}
+
+/// One layer of an image set's manifest.
+#[derive(Serialize)]
+struct SetLayer {
+    tensor: String,
+    folder: String,
+    shape: [usize; 2],
+    ebw: f64,
+    outliers: usize,
+    relative_error: f64,
+    cycles_predicted: u64,
+}
+
+fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String> {
+    let layers = model_layers(args)?;
+    if layers.is_empty() {
+        return Err(format!("no linear layer matches `{}`; check --layers and --weights", args.layers));
+    }
+    let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(layers.len() as u64) };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
+    let mut items = Vec::with_capacity(layers.len());
+    for weights in &layers {
+        bar.set_message(weights.name.clone());
+        items.push(build_layer_image(r, weights, args.vectors, args.seed)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let entries: Vec<SetLayer> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| SetLayer {
+            tensor: item.manifest.tensor.clone(),
+            folder: layer_folder(i, &item.manifest.tensor),
+            shape: item.manifest.shape,
+            ebw: item.manifest.ebw,
+            outliers: item.layer.stats.outliers,
+            relative_error: item.layer.stats.relative_error,
+            cycles_predicted: item.manifest.cycles_predicted,
+        })
+        .collect();
+    let total_bits: u64 = items.iter().map(|i| i.manifest.weight_image_bits).sum();
+    let total_weights: usize = items.iter().map(|i| i.manifest.shape[0] * i.manifest.shape[1]).sum();
+    let set_manifest = serde_json::json!({
+        "format_version": image::FORMAT_VERSION,
+        "generator_version": generator::VERSION,
+        "config_hash": r.hash,
+        "model": format!("{:?}", args.model).to_lowercase(),
+        "weights": total_weights,
+        "ebw": total_bits as f64 / total_weights as f64,
+        "layers": entries,
+    });
+    let text = serde_json::to_string_pretty(&set_manifest).expect("manifest serialises");
+    image::write_dir_atomically(&args.out, |dir| {
+        for (entry, item) in entries.iter().zip(&items) {
+            let sub = dir.join(&entry.folder);
+            std::fs::create_dir_all(&sub)?;
+            write_layer_files(&sub, r, item)?;
+        }
+        image::write_atomically(&dir.join("manifest.json"), text.as_bytes())
+    })
+    .map_err(|e| format!("cannot write the image set to {}: {e}", args.out.display()))?;
+    if args.json {
+        println!("{text}");
+    } else {
+        println!("  {:<48} {:>12} {:>7} {:>9}", "layer", "shape", "EBW", "outliers");
+        for e in &entries {
+            println!("  {:<48} {:>12} {:>7.3} {:>9}", e.tensor, format!("{}x{}", e.shape[0], e.shape[1]), e.ebw, e.outliers);
+        }
+        println!("  {} layers, {} weights, EBW {:.3}; image set in {}", entries.len(), total_weights, set_manifest["ebw"].as_f64().unwrap_or(0.0), args.out.display());
+        println!("  simulate one layer with: microscopiq simulate --image {}/{}", args.out.display(), entries[0].folder);
     }
     Ok(0)
 }
