@@ -432,7 +432,7 @@ fn write_layer_files(dir: &Path, r: &Resolved, item: &LayerImage) -> std::io::Re
     image::write_atomically(&dir.join("manifest.json"), manifest_text.as_bytes())
 }
 
-/// Every linear layer of the chosen model, as `[out, in]` matrices.
+/// Loads every linear layer of the chosen model as `[out, in]` matrices.
 fn model_layers(args: &QuantizeArgs) -> Result<Vec<Matrix>, String> {
     match args.model {
         ModelArg::Minilm => {
