@@ -276,6 +276,9 @@ pub struct RunArgs {
     /// Seed of the activation vectors.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Quantize with GPTQ, calibrated on MiniLM's calibration sentences (MiniLM layers only).
+    #[arg(long)]
+    pub gptq: bool,
     /// Activations: seeded random integers, or real inputs of the MiniLM layer captured on
     /// held-out sentences and quantized to A bits per token.
     #[arg(long, value_enum, default_value = "random")]
@@ -720,6 +723,19 @@ fn run(args: RunArgs) -> Result<i32, String> {
     } else {
         None
     };
+    let hessian = if args.gptq {
+        bar.set_message("calibrating MiniLM for GPTQ on the calibration sentences");
+        let dir = weights::models_dir().join("all-MiniLM-L6-v2");
+        let model = crate::models::minilm::MiniLm::load(&dir).map_err(|e| e.to_string())?;
+        let tokenizer = crate::models::wordpiece::WordPiece::load(&dir).map_err(|e| e.to_string())?;
+        let (mut hessians, _) = crate::eval::calibrate_minilm(&model, &tokenizer)?;
+        let h = hessians.remove(&args.tensor.tensor).ok_or_else(|| {
+            format!("--gptq needs a MiniLM linear layer; `{}` has no calibration Hessian", args.tensor.tensor)
+        })?;
+        Some(h)
+    } else {
+        None
+    };
     let report = flow::run(
         &r,
         &weights,
@@ -730,6 +746,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             trace: args.trace,
             coverage: args.coverage,
             activations,
+            hessian,
         },
         &|step| bar.set_message(step.to_string()),
     )?;

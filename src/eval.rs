@@ -647,7 +647,8 @@ fn jobs(options: &EvalOptions) -> Vec<(Method, u32)> {
 }
 
 /// Layer Hessians of a model on its calibration text, and a description of that text.
-type Calibration = (HashMap<String, Hessian>, String);
+/// Hessians by layer name, and a description of the calibration text.
+pub type Calibration = (HashMap<String, Hessian>, String);
 
 /// The metrics of one model for [`run_jobs`].
 struct Scoring<F> {
@@ -964,7 +965,7 @@ fn calibrate_glassllm(model: &GlassLlm, tokenizer: &BpeTokenizer) -> Result<Cali
 
 /// Accumulates MiniLM's layer Hessians on [`CALIBRATION_SENTENCES`] lines of the
 /// calibration text, taken from its plays in turn.
-fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibration, String> {
+pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibration, String> {
     check_calibration_slices()?;
     let mut plays = Vec::new();
     for slice in &hessian::CALIBRATION_TEXT {

@@ -193,11 +193,13 @@ pub struct RunOptions {
     pub coverage: bool,
     /// Activation vectors to use instead of seeded random ones (`[v][k]`, k < K_in).
     pub activations: Option<Vec<Vec<i64>>>,
+    /// Quantize with GPTQ on this Hessian instead of rounding to nearest.
+    pub hessian: Option<crate::hessian::Hessian>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { vectors: 32, seed: 1, work_dir: None, trace: false, coverage: false, activations: None }
+        RunOptions { vectors: 32, seed: 1, work_dir: None, trace: false, coverage: false, activations: None, hessian: None }
     }
 }
 
@@ -205,7 +207,12 @@ impl Default for RunOptions {
 /// an exact GEMM, simulates the RTL and compares it with the golden model.
 pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn Fn(&str)) -> Result<RunReport, String> {
     progress("quantizing");
-    let layer = quantizer::quantize(weights, r);
+    let layer = match &options.hessian {
+        Some(h) => {
+            crate::gptq::quantize_gptq(weights, h, r, &crate::gptq::GptqOptions::default()).map_err(|e| e.to_string())?.0
+        }
+        None => quantizer::quantize(weights, r),
+    };
     let vectors = match &options.activations {
         Some(given) => given.iter().map(|v| (0..layer.k_pad).map(|k| v.get(k).copied().unwrap_or(0)).collect()).collect(),
         None => random_activations(options.vectors, layer.k_pad, r.a, options.seed),

@@ -1,5 +1,5 @@
-//! `run --activations real`: a MiniLM layer simulated in RTL with its own inputs, captured on
-//! held-out sentences and quantized to INT8 per token.
+//! `run --activations real` and `run --gptq`: a MiniLM layer simulated in RTL with its own
+//! inputs, captured on held-out sentences and quantized to INT8 per token, and a GPTQ image.
 
 mod common;
 
@@ -35,4 +35,19 @@ fn real_activations_need_a_minilm_layer() {
     let Some(_) = common::require_minilm("real_activations_need_a_minilm_layer") else { return };
     let error = flow::capture_minilm_inputs("embeddings.word_embeddings.weight", 4).unwrap_err();
     assert!(error.contains("not a linear layer"), "{error}");
+}
+
+#[test]
+fn run_gptq_image_matches_rtl() {
+    let Some(_) = common::require_minilm("run_gptq_image_matches_rtl") else { return };
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_microscopiq"))
+        .args(["run", "--json", "--gptq", "--activations", "real", "--rows", "8", "--cols", "8", "--vectors", "2"])
+        .args(["--tensor", "encoder.layer.0.attention.self.query.weight"])
+        .output()
+        .expect("run the binary");
+    assert!(output.status.success(), "run --gptq failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).expect("one JSON object");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["cycles"], report["cycles_predicted"], "{report}");
+    assert!(report["outliers"].as_u64().unwrap() > 0, "{report}");
 }
