@@ -292,9 +292,10 @@ pub fn output_exponent(r: &Resolved, base: i32) -> i32 {
     r.column_exponent(base)
 }
 
-/// Dequantizes a weight image through the decode path: the weight of input channel k and
-/// output channel n is the sum, over the passes of its tile, of the column-n output for a unit
-/// activation on k, scaled by the tile column's exponent. Returns `[n_pad][k_pad]`.
+/// Dequantizes a weight image through the decode path and returns `[n_pad][k_pad]`.
+///
+/// The weight of input channel k and output channel n is the column-n output for a unit
+/// activation on k, summed over the passes of its tile and scaled by the column exponent.
 pub fn dequantize(r: &Resolved, image: &Image, bases: &[crate::formats::E8m0]) -> Vec<f64> {
     let n_pad = image.n_tiles * r.cols;
     let k_pad = image.k_tiles * r.rows;

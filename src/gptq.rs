@@ -400,7 +400,7 @@ pub fn quantize_gptq(
 /// the errors of earlier positions as one subtraction each, in increasing j, whenever it is
 /// brought up to date. That happens right away inside the batch, on demand when a
 /// macro-block's bases are fixed, and for every remaining channel at the end of the batch.
-/// Every channel therefore sees the same arithmetic for any batch size.
+/// Every channel therefore gets the same arithmetic for any batch size.
 struct ColumnLoop<'a> {
     r: &'a Resolved,
     /// Current weights. A channel keeps its value from the moment it is quantized.

@@ -2,7 +2,7 @@
 //!
 //! Tiles run column tile first, row tile second (tile n_tile * k_tiles + k_tile), so the tiles
 //! that add into one group of output columns run back to back. When fewer PE rows than all
-//! have a ReCoN, a tile may run in several passes (see [`plan_passes`]); every word below is
+//! have a ReCoN, a tile may run in several passes (see [`plan_passes`]). Every word below is
 //! then per pass, in pass order.
 //!
 //! - Row words, one per (pass, PE row), in PE row order: slot c at bits [c*b, (c+1)*b), then the metadata of
@@ -69,10 +69,10 @@ impl Image {
     }
 }
 
-/// Plans the passes of tile (n_tile, k_tile): which channel each PE row holds.
+/// Plans the passes of tile (n_tile, k_tile): which channel each PE row contains.
 ///
-/// Without sharing every row holds its own channel. With `recon_rows` < rows, the channels
-/// whose micro-blocks hold pairs ("flagged") must sit on ReCoN rows: a flagged channel that
+/// Without sharing every row contains its own channel. With `recon_rows` < rows, the channels
+/// whose micro-blocks have pairs ("flagged") must sit on ReCoN rows: a flagged channel that
 /// is not on one swaps rows with an unflagged ReCoN row's channel. A tile with more flagged
 /// channels than ReCoN rows runs again: each later pass holds only the next flagged channels
 /// and zero rows elsewhere, and reuses the same activations.
@@ -110,7 +110,7 @@ pub fn plan_passes(layer: &QuantizedLayer, r: &Resolved, n_tile: usize, k_tile: 
         let mut swaps = vec![None; r.recon_rows];
         let mut free = (0..r.recon_rows).filter(|row| !chunk.contains(row));
         for &channel in chunk.iter().filter(|&&c| c >= r.recon_rows) {
-            let row = free.next().expect("a chunk never holds more channels than ReCoN rows");
+            let row = free.next().expect("chunks are at most recon_rows long, so a free ReCoN row exists");
             swaps[row] = Some(channel);
             sources[row] = Some(channel);
             sources[channel] = included(row).then_some(row);

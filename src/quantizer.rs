@@ -467,9 +467,10 @@ fn encode_at(r: &Resolved, block: &MicroBlock, d: u32, e_in: i32, nat_out: Optio
     if let (Some(fp), Some(nat)) = (r.outlier, nat_out) {
         // The floor rule of MX scales puts the largest outlier at most at 2^(emax+1) times the
         // scale, where the element format saturates below it (7.9 at scale 2^0 clips to 6 in
-        // E2M1). One binade more often fits better, so both offsets are tried and the one with
-        // the smaller squared error over the outliers is kept; a tie keeps the finer one.
-        let wanted = nat - e_in;
+        // E2M1). One binade more often fits better, so both offsets are tried.
+        // The one with the smaller squared error over the outliers is kept, and a tie keeps
+        // the finer one.
+        let natural_offset = nat - e_in;
         let mask = (1u32 << r.b) - 1;
         let encode_outliers = |offset: i32| -> (f64, Vec<(u32, f64)>) {
             let e_out = e_in + offset;
@@ -483,8 +484,8 @@ fn encode_at(r: &Resolved, block: &MicroBlock, d: u32, e_in: i32, nat_out: Optio
             }
             (error, codes)
         };
-        let first = wanted.clamp(r.offset_min, r.offset_max());
-        let second = (wanted + 1).clamp(r.offset_min, r.offset_max());
+        let first = natural_offset.clamp(r.offset_min, r.offset_max());
+        let second = (natural_offset + 1).clamp(r.offset_min, r.offset_max());
         let (mut offset, (mut outlier_err, mut codes)) = (first, encode_outliers(first));
         if second != first {
             let (second_err, second_codes) = encode_outliers(second);
@@ -494,7 +495,7 @@ fn encode_at(r: &Resolved, block: &MicroBlock, d: u32, e_in: i32, nat_out: Optio
                 codes = second_codes;
             }
         }
-        offset_clamped = wanted > r.offset_max();
+        offset_clamped = natural_offset > r.offset_max();
         offset_code = (offset - r.offset_min) as u32;
         for (&(o, p), &(code, value)) in block.route.pairs.iter().zip(&codes) {
             slots[o] = (code >> r.b) as u8;

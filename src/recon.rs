@@ -110,7 +110,7 @@ pub const MAX_ROUTE_ATTEMPTS: usize = 50_000;
 /// in one pass, or `None` if none is found within [`MAX_ROUTE_ATTEMPTS`].
 ///
 /// Every single pair routes. Several pairs in one micro-block may conflict, so the search
-/// tries other pairings and other paths. A path choice says which of the two values travels
+/// tries other pairings and other paths. A path choice sets which of the two values travels
 /// and whether the addition happens in the first or the second half. The search order is fixed, so the
 /// result is deterministic.
 pub fn route(m: usize, outliers: &[usize], pruned: &[usize]) -> Option<Route> {
@@ -280,7 +280,7 @@ mod tests {
         }
     }
 
-    /// All subsets of `from` with `k` elements.
+    /// Returns all subsets of `from` with `k` elements.
     fn subsets(k: usize, from: &[usize]) -> Vec<Vec<usize>> {
         (0u32..(1 << from.len()))
             .filter(|mask| mask.count_ones() as usize == k)

@@ -1,6 +1,6 @@
-//! ReCoN sharing: arrays where only the first `recon_rows` PE rows have a ReCoN. Tiles are
-//! permuted and split into passes by the packer; the RTL must still match the golden model
-//! bit for bit and cycle for cycle, and the passes must add up to the exact GEMM.
+//! ReCoN sharing: arrays where only the first `recon_rows` PE rows have a ReCoN. The packer
+//! permutes tiles and splits them into passes. The RTL must still match the golden model bit
+//! for bit and cycle for cycle, and the passes must add up to the exact GEMM.
 
 use microscopiq::config::{Config, Resolved};
 use microscopiq::flow::{self, random_activations, SplitMix64};
