@@ -106,6 +106,9 @@ pub struct ConfigArgs {
     /// PE rows with a ReCoN (default: every row).
     #[arg(long)]
     pub recon_rows: Option<u32>,
+    /// Build multi-precision PEs that run both b-bit and 2b-bit layers (rows must be even).
+    #[arg(long)]
+    pub multi_precision: bool,
 }
 
 /// Rounding rule names on the command line.
@@ -135,6 +138,7 @@ impl ConfigArgs {
                 RoundingArg::NearestAway => Rounding::NearestAway,
             }),
             recon_rows: self.recon_rows,
+            multi_precision: self.multi_precision.then_some(true),
         });
         config.resolve().map_err(|e| e.to_string())
     }

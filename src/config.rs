@@ -28,6 +28,15 @@ pub struct ArrayConfig {
     /// ReCoN rows, and a tile with more such rows runs in several passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recon_rows: Option<u32>,
+    /// Multi-precision PEs: each pair of adjacent PE rows forms one PE that runs either two
+    /// b-bit lanes (two input channels, W`b` images) or one 2b-bit weight split into a low
+    /// and a high lane (W`2b` images). The image of each layer selects the mode.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub multi_precision: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 fn default_address_bits() -> u32 {
@@ -104,6 +113,7 @@ pub struct Overrides {
     pub k_sigma: Option<f64>,
     pub rounding: Option<Rounding>,
     pub recon_rows: Option<u32>,
+    pub multi_precision: Option<bool>,
 }
 
 /// An invalid configuration: names the parameter, the value and the legal range.
@@ -148,6 +158,9 @@ impl Config {
         }
         if let Some(v) = o.recon_rows {
             self.array.recon_rows = Some(v);
+        }
+        if let Some(v) = o.multi_precision {
+            self.array.multi_precision = v;
         }
         if let Some(v) = o.cols {
             self.array.cols = v;
@@ -267,6 +280,10 @@ pub struct Resolved {
     pub header_bits: u32,
     /// Configuration hash: 16 hex digits.
     pub hash: String,
+    /// With `multi_precision`: the configuration of the 2b-bit layers that the array also
+    /// runs (rows / 2 input channels per tile, 2b-bit inliers). The datapath widths above
+    /// (shift, product, lane and partial-sum widths) then cover both kinds of layer.
+    pub wide: Option<Box<Resolved>>,
 }
 
 impl Resolved {
@@ -436,7 +453,7 @@ impl Resolved {
         let canonical = toml::to_string(&config).expect("configuration serialises");
         let hash = format!("{:016x}", fnv1a64(canonical.as_bytes()));
 
-        Ok(Resolved {
+        let mut resolved = Resolved {
             rows: config.array.rows as usize,
             cols,
             b,
@@ -471,7 +488,92 @@ impl Resolved {
             header_bits,
             hash,
             config,
-        })
+            wide: None,
+        };
+        if resolved.config.array.multi_precision {
+            resolved.add_wide_layers()?;
+        }
+        Ok(resolved)
+    }
+
+    /// Resolves the 2b-bit layer configuration of a multi-precision array and widens the
+    /// datapath so that both kinds of layer fit.
+    ///
+    /// In a 2b-bit layer, PE rows 2k and 2k+1 hold the low and high b-bit halves of input
+    /// channel k's weights: the low half as an unsigned value 0..2^b - 1, the high half as a
+    /// signed value whose column shift is b larger. Both rows see activation k.
+    fn add_wide_layers(&mut self) -> Result<(), ConfigError> {
+        let rows = self.config.array.rows;
+        if rows % 2 != 0 {
+            return Err(invalid(format!(
+                "invalid rows = {rows} with multi_precision = true: a multi-precision PE spans two \
+                 adjacent rows, so rows must be even"
+            )));
+        }
+        if self.has_sharing {
+            return Err(invalid(format!(
+                "invalid recon_rows = {} with multi_precision = true: shared ReCoN rows are not \
+                 supported on multi-precision arrays; set recon_rows = rows = {rows}",
+                self.recon_rows
+            )));
+        }
+        let mut wide_config = self.config.clone();
+        wide_config.array.rows = rows / 2;
+        wide_config.array.recon_rows = None;
+        wide_config.array.multi_precision = false;
+        wide_config.format.weight_bits = 2 * self.b;
+        wide_config.format.mab_rows = self.config.format.mab_rows.map(|m| m / 2);
+        wide_config.format.outlier_format = None;
+        let wide = Resolved::new(wide_config).map_err(|e| {
+            invalid(format!(
+                "invalid multi_precision = true for weight_bits = {}: the {}-bit layers it would also \
+                 run have an invalid configuration: {e}",
+                self.b,
+                2 * self.b
+            ))
+        })?;
+
+        // Lane values of a 2b-bit layer: the low half is at most 2^b - 1, the high half at
+        // least -2^(b-1); an outlier's upper half is pre-shifted by the wide lo_bits.
+        let act_mag: u128 = 1u128 << (self.a - 1);
+        let half_max = (1u128 << self.b) - 1;
+        let mut pe_bound = half_max * act_mag;
+        let mut lane_bound = pe_bound;
+        if wide.max_pairs > 0 {
+            pe_bound = (half_max * act_mag) << wide.lo_bits;
+            lane_bound = pe_bound + half_max * act_mag;
+        }
+        let max_shift = self.max_shift.max(wide.max_shift + self.b);
+        self.shift_bits = index_bits(max_shift as u64 + 1);
+        self.product_width = self.product_width.max(signed_width(pe_bound));
+        self.lane_width = self.lane_width.max(signed_width(lane_bound)).max(self.product_width);
+        self.shifted_width = self.shifted_width.max(signed_width(lane_bound << (wide.max_shift + self.b)));
+        // Partial sums wrap modulo 2^acc_width, so only the final sums of each kind of layer
+        // have to fit, and every shifted lane.
+        self.acc_width = self.acc_width.max(wide.acc_width).max(self.shifted_width);
+        self.wide = Some(Box::new(wide));
+        Ok(())
+    }
+
+    /// Returns the configuration of layers with `weight_bits`-bit inliers on this array: this
+    /// one for b, the 2b-bit one on a multi-precision array.
+    pub fn layer_config(&self, weight_bits: u32) -> Result<&Resolved, ConfigError> {
+        if weight_bits == self.b {
+            return Ok(self);
+        }
+        match &self.wide {
+            Some(wide) if wide.b == weight_bits => Ok(wide),
+            Some(wide) => Err(invalid(format!(
+                "invalid weight_bits = {weight_bits} for this array: it runs {}-bit and {}-bit layers",
+                self.b, wide.b
+            ))),
+            None => Err(invalid(format!(
+                "invalid weight_bits = {weight_bits} for this array: it runs {}-bit layers only; set \
+                 multi_precision = true to run {}-bit layers too",
+                self.b,
+                2 * self.b
+            ))),
+        }
     }
 
     /// Micro-blocks per PE row.

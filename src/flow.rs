@@ -155,7 +155,10 @@ pub fn check_golden_against_gemm(layer: &QuantizedLayer, r: &Resolved, image: &I
 /// Summary of one end-to-end run, printed as a table or as JSON.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
+    /// Hash of the array's configuration.
     pub config_hash: String,
+    /// Inlier bits of the layer: the array's b, or 2b on a multi-precision array.
+    pub weight_bits: u32,
     pub tensor: String,
     pub shape: [usize; 2],
     pub ebw: f64,
@@ -206,6 +209,18 @@ impl Default for RunOptions {
 /// Quantizes `weights`, checks the image against the quantizer and the golden model against
 /// an exact GEMM, simulates the RTL and compares it with the golden model.
 pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn Fn(&str)) -> Result<RunReport, String> {
+    run_layer(r, r, weights, options, progress)
+}
+
+/// Runs [`run`] for a layer of configuration `r` on the array `design`: `r` is `design`
+/// itself, or its 2b-bit layer configuration on a multi-precision array.
+pub fn run_layer(
+    design: &Resolved,
+    r: &Resolved,
+    weights: &Matrix,
+    options: &RunOptions,
+    progress: &dyn Fn(&str),
+) -> Result<RunReport, String> {
     progress("quantizing");
     let layer = match &options.hessian {
         Some(h) => {
@@ -221,7 +236,7 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
     progress("checking the image against the quantizer");
     check_image_dequantization(&layer, r, &image)?;
     progress("running the golden model");
-    let prediction = golden::predict(r, &image);
+    let prediction = golden::predict_on_array(r, &image, design.rows);
     check_golden_against_gemm(&layer, r, &image, &prediction, &vectors)?;
     let verilator_version = simulation::verilator_version().map_err(|e| e.to_string())?;
     progress("building and running the RTL with Verilator");
@@ -231,12 +246,12 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         coverage: options.coverage,
         ..SimOptions::default()
     };
-    let sim = simulation::simulate(r, &image, prediction.cycles, &sim_options).map_err(|e| e.to_string())?;
+    let sim = simulation::simulate_layer(design, r, &image, prediction.cycles, &sim_options).map_err(|e| e.to_string())?;
     let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
     if !comparison.passed() && !options.trace {
         progress("simulating again with waveforms (waves.fst) for the mismatch");
         let retrace = SimOptions { work_dir: Some(sim.work_dir.clone()), trace: true, ..SimOptions::default() };
-        simulation::simulate(r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
+        simulation::simulate_layer(design, r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
     }
     let coverage = if options.coverage { simulation::coverage_summary(&sim.work_dir) } else { None };
     let keep = options.work_dir.is_some() || !comparison.passed() || options.trace || options.coverage;
@@ -244,7 +259,8 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         let _ = std::fs::remove_dir_all(&sim.work_dir);
     }
     Ok(RunReport {
-        config_hash: r.hash.clone(),
+        config_hash: design.hash.clone(),
+        weight_bits: r.b,
         tensor: weights.name.clone(),
         shape: [weights.rows, weights.cols],
         ebw: image::effective_bit_width(&layer, r, &image),

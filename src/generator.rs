@@ -106,6 +106,26 @@ pub struct RtlContext {
     pub outlier_name: String,
     pub switches: Vec<SwitchSite>,
     pub flag_count_expr: String,
+    /// Name of the decode module this context renders.
+    pub decode_name: String,
+    /// Multi-precision PEs (b-bit and 2b-bit layers).
+    pub mp: bool,
+    /// Width of a PE weight register: b, or b + 1 on a multi-precision array, whose low
+    /// lanes hold unsigned halves.
+    pub wb: i64,
+    /// Width of one weight on the decode-to-array buses: b, or 2b on a multi-precision array.
+    pub bus: i64,
+    /// The 2b-bit layers' lo_bits: the pre-shift of an outlier's upper half in wide mode.
+    pub wide_lo_bits: i64,
+    /// The PE needs the mode, because the two kinds of layer pre-shift by different amounts.
+    pub pe_mode: bool,
+    /// Row word width of each kind of layer, and whether its decode produces shifts.
+    pub narrow_rww: i64,
+    pub wide_rww: i64,
+    pub narrow_shift: bool,
+    pub wide_shift: bool,
+    /// Bit of the first micro-exponent in a 2b-bit layer's row word.
+    pub wide_micro_lo: i64,
 }
 
 impl RtlContext {
@@ -138,7 +158,11 @@ impl RtlContext {
             .map(|j| zero_extend(&format!("flags_i[{j}]"), 1, cw))
             .collect::<Vec<_>>()
             .join(" + ");
-        let max_mag = r.int_format.max_magnitude() as u128;
+        // A multi-precision PE's low lane holds an unsigned half of up to 2^b - 1.
+        let max_mag = match &r.wide {
+            Some(_) => (r.int_format.max_magnitude() as u128).max((1u128 << r.b) - 1),
+            None => r.int_format.max_magnitude() as u128,
+        };
         let mw = signed_width(max_mag << (r.a - 1)) as i64;
         let (man_bits, exp_bits, outlier_name) = match r.outlier {
             Some(f) if r.max_pairs > 0 => (f.man_bits as i64, f.exp_bits as i64, f.kind.name().to_uppercase()),
@@ -196,7 +220,43 @@ impl RtlContext {
             outlier_name,
             switches,
             flag_count_expr,
+            decode_name: "msq_decode".to_string(),
+            mp: r.wide.is_some(),
+            wb: r.b as i64 + i64::from(r.wide.is_some()),
+            bus: r.wide.as_ref().map_or(r.b, |w| w.b) as i64,
+            wide_lo_bits: r.wide.as_ref().map_or(0, |w| w.lo_bits) as i64,
+            pe_mode: r.max_pairs > 0 && r.wide.as_ref().is_some_and(|w| w.lo_bits != r.lo_bits),
+            narrow_rww: r.row_word_bits as i64,
+            wide_rww: r.wide.as_ref().map_or(0, |w| w.row_word_bits) as i64,
+            narrow_shift: r.max_shift > 0,
+            wide_shift: r.wide.as_ref().is_some_and(|w| w.max_shift > 0),
+            wide_micro_lo: r.wide.as_ref().map_or(0, |w| (r.cols as u32 * w.b + u32::from(w.max_pairs > 0)) as i64),
         }
+        .with_design_widths(r)
+    }
+
+    /// On a multi-precision array the PE datapath always shifts (high lanes shift by b more),
+    /// and the memory words fit both kinds of layer.
+    fn with_design_widths(mut self, r: &Resolved) -> RtlContext {
+        if let Some(wide) = &r.wide {
+            self.has_shift = true;
+            self.rww = self.rww.max(wide.row_word_bits as i64);
+            assert_eq!(self.pew, wide.pair_entry_bits as i64, "both kinds of layer share the pair entry layout");
+        }
+        self
+    }
+
+    /// Returns the context of one kind of layer's decode module on a multi-precision array:
+    /// the layer's own formats, with the design's shift width and file header.
+    fn decode_context(&self, layer: &Resolved, name: &str) -> RtlContext {
+        let mut ctx = RtlContext::new(layer);
+        ctx.decode_name = name.to_string();
+        ctx.hash = self.hash.clone();
+        ctx.config_lines = self.config_lines.clone();
+        ctx.sw = self.sw;
+        ctx.rww = layer.row_word_bits as i64;
+        ctx.has_shift = layer.max_shift > 0;
+        ctx
     }
 
     /// Zero-extends the `from`-bit expression `expr` to `to` bits.
@@ -243,6 +303,8 @@ pub struct TestbenchParams {
     pub pair_index_bits: u32,
     pub act_index_bits: u32,
     pub tiles: usize,
+    /// The layer has 2b-bit weights (multi-precision arrays only).
+    pub wide: bool,
     pub k_tiles: usize,
     pub vectors: usize,
     pub max_cycles: u64,
@@ -262,6 +324,7 @@ rtl_template!(PeTemplate, "msq_pe.sv");
 rtl_template!(SwitchTemplate, "msq_recon_switch.sv");
 rtl_template!(ReconTemplate, "msq_recon.sv");
 rtl_template!(DecodeTemplate, "msq_decode.sv");
+rtl_template!(DecodeMpTemplate, "msq_decode_mp.sv");
 rtl_template!(RouteTemplate, "msq_act_route.sv");
 rtl_template!(ArrayTemplate, "msq_array.sv");
 rtl_template!(CtrlTemplate, "msq_ctrl.sv");
@@ -314,6 +377,9 @@ pub fn generate_fmax_wrapper(r: &Resolved) -> Vec<GeneratedFile> {
         widths.push(("hdr_i", ctx.swap_bits + 1));
     }
     widths.push(("act_i", ctx.rows * ctx.a));
+    if ctx.mp {
+        widths.push(("wide_i", 1));
+    }
     let mut lo = 0usize;
     let mut input_ports = Vec::new();
     for (name, width) in widths {
@@ -387,7 +453,16 @@ pub fn generate_rtl(r: &Resolved) -> Vec<GeneratedFile> {
         files.push(render("msq_recon_switch.sv", SwitchTemplate { ctx: &ctx }.render()));
         files.push(render("msq_recon.sv", ReconTemplate { ctx: &ctx }.render()));
     }
-    files.push(render("msq_decode.sv", DecodeTemplate { ctx: &ctx }.render()));
+    match &r.wide {
+        Some(wide) => {
+            let narrow = ctx.decode_context(r, "msq_decode_narrow");
+            let wide = ctx.decode_context(wide, "msq_decode_wide");
+            files.push(render("msq_decode_narrow.sv", DecodeTemplate { ctx: &narrow }.render()));
+            files.push(render("msq_decode_wide.sv", DecodeTemplate { ctx: &wide }.render()));
+            files.push(render("msq_decode_mp.sv", DecodeMpTemplate { ctx: &ctx }.render()));
+        }
+        None => files.push(render("msq_decode.sv", DecodeTemplate { ctx: &ctx }.render())),
+    }
     if ctx.has_sharing {
         files.push(render("msq_act_route.sv", RouteTemplate { ctx: &ctx }.render()));
     }

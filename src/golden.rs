@@ -232,6 +232,13 @@ pub fn validate(r: &Resolved, image: &Image) -> Result<(), String> {
 
 /// Runs the golden model on an image.
 pub fn predict(r: &Resolved, image: &Image) -> Prediction {
+    predict_on_array(r, image, r.rows)
+}
+
+/// Predicts the outputs and cycles of an image of layer configuration `r` on an array of
+/// `array_rows` PE rows: `r.rows` itself, or twice that for a 2b-bit layer on a
+/// multi-precision array, whose row words each load two PE rows.
+pub fn predict_on_array(r: &Resolved, image: &Image, array_rows: usize) -> Prediction {
     let passes = pass_count(r, image);
     let routings: Vec<PassRouting> = (0..passes).map(|t| decode_header(r, image.header_words.get(t))).collect();
     let k_tile_of_pass = k_tiles_of_passes(&routings, image.k_tiles);
@@ -245,7 +252,11 @@ pub fn predict(r: &Resolved, image: &Image) -> Prediction {
         let tile = decode_tile(r, &image.row_words[first_row..first_row + stored[t]], &mut pairs);
         first_row += stored[t];
         flagged_per_tile.push(tile.flagged);
-        reads_per_tile.push(u64::from(r.has_sharing) + stored[t] as u64 + tile.flagged as u64);
+        let mut reads = u64::from(r.has_sharing) + stored[t] as u64 + tile.flagged as u64;
+        if array_rows > r.rows {
+            reads += wide_row_gaps(r, &image.row_words[first_row - stored[t]..first_row]);
+        }
+        reads_per_tile.push(reads);
         let kt = k_tile_of_pass[t];
         for v in 0..image.vectors {
             let word = &image.act_words[kt * image.vectors + v];
@@ -253,8 +264,20 @@ pub fn predict(r: &Resolved, image: &Image) -> Prediction {
             outputs.push(tile_output(r, &tile, &routings[t].route(r, element)));
         }
     }
-    let cycles = predict_cycles(r.rows as u64, image.vectors as u64, &reads_per_tile);
+    let cycles = predict_cycles(array_rows as u64, image.vectors as u64, &reads_per_tile);
     Prediction { outputs, cycles, flagged_per_tile, k_tile_of_pass }
+}
+
+/// Idle load cycles of a 2b-bit tile on a multi-precision array: every row word but the last
+/// is followed by a cycle without a row read, which its pair reads fill when it has any,
+/// because the word's odd PE row switches tiles one cycle after its even row.
+fn wide_row_gaps(r: &Resolved, rows: &[BitWord]) -> u64 {
+    let Some((_, earlier)) = rows.split_last() else {
+        return 0;
+    };
+    let meta = r.ublock_meta_bits as usize;
+    let flagged = |word: &BitWord| r.max_pairs > 0 && (0..r.ublocks_per_row()).any(|j| word.get(r.cols * r.b as usize + j * meta, 1) != 0);
+    earlier.iter().filter(|word| !flagged(word)).count() as u64
 }
 
 /// Passes of an image: one per header with shared ReCoN rows, else one per `rows` row words.

@@ -79,7 +79,7 @@ pub fn lint(dir: &Path, files: &[GeneratedFile]) -> Result<(), SimError> {
 }
 
 /// Testbench parameters for an image.
-pub fn testbench_params(r: &Resolved, image: &Image, predicted_cycles: u64) -> TestbenchParams {
+pub fn testbench_params(r: &Resolved, image: &Image, predicted_cycles: u64, wide: bool) -> TestbenchParams {
     let depth = |n: usize| n.max(1);
     TestbenchParams {
         row_depth: depth(image.row_words.len()),
@@ -95,6 +95,7 @@ pub fn testbench_params(r: &Resolved, image: &Image, predicted_cycles: u64) -> T
         k_tiles: image.k_tiles,
         vectors: image.vectors,
         max_cycles: predicted_cycles * 2 + 1000,
+        wide,
     }
 }
 
@@ -168,6 +169,31 @@ pub struct SimOptions {
 /// The work folder is always kept, also when a step fails, so the build can be inspected.
 /// Callers remove [`SimResult::work_dir`] when they no longer need it.
 pub fn simulate(r: &Resolved, image: &Image, predicted_cycles: u64, options: &SimOptions) -> Result<SimResult, SimError> {
+    simulate_layer(r, r, image, predicted_cycles, options)
+}
+
+/// Generates, builds and runs the RTL of the array `design` on `image`, an image of layer
+/// configuration `layer`: `design` itself, or its 2b-bit layers on a multi-precision array.
+///
+/// The work folder is kept as in [`simulate`].
+pub fn simulate_layer(
+    design: &Resolved,
+    layer: &Resolved,
+    image: &Image,
+    predicted_cycles: u64,
+    options: &SimOptions,
+) -> Result<SimResult, SimError> {
+    let r = design;
+    let wide = layer.b != design.b;
+    if design.layer_config(layer.b).map(|expected| expected != layer).unwrap_or(true) {
+        return Err(SimError(format!(
+            "the image's configuration (hash {}) is not one that the array (hash {}) runs; quantize the \
+             layer with the array's configuration{}",
+            layer.hash,
+            design.hash,
+            if design.wide.is_some() { " or its 2b-bit layer configuration" } else { "" }
+        )));
+    }
     if image.tiles() == 0 || image.vectors == 0 {
         return Err(SimError("nothing to simulate: the image has no tiles or no activation vectors".into()));
     }
@@ -203,7 +229,7 @@ pub fn simulate(r: &Resolved, image: &Image, predicted_cycles: u64, options: &Si
     let io_err = |e: std::io::Error| SimError(format!("cannot write into {}: {e}", work_dir.display()));
 
     let mut files = generator::generate_rtl(r);
-    let tb = testbench_params(r, image, predicted_cycles);
+    let tb = testbench_params(r, image, predicted_cycles, wide);
     files.push(generator::generate_testbench(r, &tb));
     generator::write_files(&work_dir, &files).map_err(io_err)?;
     image::write_hex_files(&work_dir, image).map_err(io_err)?;

@@ -13,18 +13,19 @@ module msq_array (
   input  logic                 swap_i,           // first vector of a new tile: make shadow weights active
   input  logic                 act_valid_i,      // act_i holds an activation vector
   input  logic [{= ctx.rows * ctx.a - 1 =}:0]   act_i,            // element r at [r*{= ctx.a =} +: {= ctx.a =}], two's complement
-{% if ctx.has_sharing %}  input  logic                 hdr_load_i,       // hdr_swaps_i holds the next pass's activation swaps
+{% if ctx.mp %}  input  logic                 wide_i,           // {= ctx.bus =}-bit layer: rows 2k and 2k+1 hold the halves of input channel k
+{% endif %}{% if ctx.has_sharing %}  input  logic                 hdr_load_i,       // hdr_swaps_i holds the next pass's activation swaps
   input  logic [{= ctx.swap_bits =}:0]   hdr_i,            // bit 0: later pass of a tile; ReCoN row i at [1 + i*{= 1 + ctx.rib =}]: valid, then the row it swaps with
 {% endif %}
   input  logic                 row_load_i,       // write the inlier decode into row_sel_i's shadow registers
   input  logic [{= ctx.rows - 1 =}:0]   row_sel_i,        // one-hot PE row being loaded
-  input  logic [{= ctx.cols * ctx.b - 1 =}:0]   inlier_weight_i,  // weights of the row
+  input  logic [{= ctx.cols * ctx.bus - 1 =}:0]   inlier_weight_i,  // weights of the row, two's complement
 {% if ctx.has_shift %}  input  logic [{= ctx.cols * ctx.sw - 1 =}:0]   inlier_shift_i,   // shifts of the row
 {% endif %}{% if ctx.has_pairs %}  input  logic                 pair_load_i,      // write the pair decode into one micro-block
   input  logic [{= ctx.ubr - 1 =}:0]   ublock_sel_i,     // one-hot micro-block of that row
   input  logic [{= ctx.m - 1 =}:0]   pair_we_i,        // lanes written by the pair decode
   input  logic [{= ctx.m - 1 =}:0]   pair_hi_i,        // lanes that receive an outlier's upper half
-  input  logic [{= ctx.m * ctx.b - 1 =}:0]   pair_weight_i,    // lane weights
+  input  logic [{= ctx.m * ctx.bus - 1 =}:0]   pair_weight_i,    // lane weights, two's complement
   input  logic [{= ctx.m * ctx.sw - 1 =}:0]   pair_shift_i,     // lane shifts
   input  logic [{= ctx.cmd_bits - 1 =}:0]   pair_cmd_i,       // ReCoN commands of the micro-block
 {% endif %}  output logic                 out_valid_o,      // out_psum_o holds one vector's column sums
@@ -48,6 +49,12 @@ module msq_array (
     .act_i      (act_i),
     .act_o      (act_routed)
   );
+{% else if ctx.mp %}
+  // In a {= ctx.bus =}-bit layer, rows 2k and 2k+1 hold the two halves of input channel k's weights
+  // and both see activation element k.
+  for (genvar r = 0; r < {= ctx.rows =}; r++) begin : g_act_mode
+    assign act_routed[r*{= ctx.a =} +: {= ctx.a =}] = wide_i ? act_i[(r/2)*{= ctx.a =} +: {= ctx.a =}] : act_i[r*{= ctx.a =} +: {= ctx.a =}];
+  end
 {% else %}
   // Every row holds its own input channel.
   assign act_routed = act_i;
@@ -101,25 +108,43 @@ module msq_array (
     logic [{= ctx.cols * ctx.lw - 1 =}:0] lane_out;
     for (genvar c = 0; c < {= ctx.cols =}; c++) begin : g_col
       logic load;
-      logic signed [{= ctx.b - 1 =}:0] weight;
+      logic signed [{= ctx.wb - 1 =}:0] weight;
+{% if ctx.mp %}      logic [{= ctx.bus - 1 =}:0] bus_weight;
+      logic [{= ctx.sw - 1 =}:0] bus_shift;
+{% endif %}
 {% if ctx.has_shift %}      logic [{= ctx.sw - 1 =}:0] shift;
 {% endif %}      logic signed [{= ctx.pw - 1 =}:0] prod;
 {% if ctx.has_shift %}      logic [{= ctx.sw - 1 =}:0] active_shift;
 {% endif %}{% if ctx.has_pairs %}      logic hi;
       assign load   = row_sel_i[r] && (row_load_i || (pair_load_i && ublock_sel_i[c / {= ctx.m =}] && pair_we_i[c % {= ctx.m =}]));
       assign hi     = !row_load_i && pair_hi_i[c % {= ctx.m =}];
-      assign weight = row_load_i ? inlier_weight_i[c*{= ctx.b =} +: {= ctx.b =}] : pair_weight_i[(c % {= ctx.m =})*{= ctx.b =} +: {= ctx.b =}];
-      assign shift  = row_load_i ? inlier_shift_i[c*{= ctx.sw =} +: {= ctx.sw =}] : pair_shift_i[(c % {= ctx.m =})*{= ctx.sw =} +: {= ctx.sw =}];
+      assign {% if ctx.mp %}bus_weight{% else %}weight{% endif %} = row_load_i ? inlier_weight_i[c*{= ctx.bus =} +: {= ctx.bus =}] : pair_weight_i[(c % {= ctx.m =})*{= ctx.bus =} +: {= ctx.bus =}];
+      assign {% if ctx.mp %}bus_shift{% else %}shift{% endif %}  = row_load_i ? inlier_shift_i[c*{= ctx.sw =} +: {= ctx.sw =}] : pair_shift_i[(c % {= ctx.m =})*{= ctx.sw =} +: {= ctx.sw =}];
 {% else %}
       assign load   = row_sel_i[r] && row_load_i;
-      assign weight = inlier_weight_i[c*{= ctx.b =} +: {= ctx.b =}];
-{% if ctx.has_shift %}      assign shift  = inlier_shift_i[c*{= ctx.sw =} +: {= ctx.sw =}];
-{% endif %}{% endif %}
+      assign {% if ctx.mp %}bus_weight{% else %}weight{% endif %} = inlier_weight_i[c*{= ctx.bus =} +: {= ctx.bus =}];
+{% if ctx.has_shift %}      assign {% if ctx.mp %}bus_shift{% else %}shift{% endif %}  = inlier_shift_i[c*{= ctx.sw =} +: {= ctx.sw =}];
+{% endif %}{% endif %}{% if ctx.mp %}      // A narrow weight arrives sign-extended, so its low {= ctx.wb =} bits hold it. A wide weight w
+      // splits into w = high * 2^{= ctx.b =} + low with an unsigned low half, and the high lane's
+      // column shift grows by {= ctx.b =}.
+      if ((r % 2) == 0) begin : g_low_lane
+        // The bus's top bit, the sign of a wide weight's high half, only matters in odd rows.
+        logic unused_high_sign;
+        assign unused_high_sign = bus_weight[{= ctx.bus - 1 =}];
+        assign weight = wide_i ? {1'b0, bus_weight[{= ctx.b - 1 =}:0]} : bus_weight[{= ctx.b =}:0];
+        assign shift  = bus_shift;
+      end else begin : g_high_lane
+        assign weight = wide_i ? {bus_weight[{= ctx.bus - 1 =}], bus_weight[{= ctx.bus - 1 =}:{= ctx.b =}]} : bus_weight[{= ctx.b =}:0];
+        assign shift  = wide_i ? bus_shift + {= ctx.sw =}'d{= ctx.b =} : bus_shift;
+      end
+{% endif %}
       msq_pe u_pe (
         .clk_i    (clk_i),
         .rst_ni   (rst_ni),
         .load_i   (load),
         .weight_i (weight),
+{% if ctx.pe_mode %}        .wide_i   (wide_i),
+{% endif %}
 {% if ctx.has_shift %}        .shift_i  (shift),
 {% endif %}{% if ctx.has_pairs %}        .hi_i     (hi),
 {% endif %}        .swap_i   (swap_row[r]),

@@ -7,7 +7,8 @@
 //
 // Load schedule of one pass: every cycle issues one read. {% if ctx.has_sharing %}The pass header comes first. {% endif %}A row
 // word read is followed, when the row holds F flagged micro-blocks, by F pair-entry reads, so a
-// pass takes {% if ctx.has_sharing %}1 + {% endif %}{= ctx.rows =} + F cycles of reads{% if ctx.has_sharing %} ({= ctx.recon_rows =} rows instead of {= ctx.rows =} for a later pass of a tile){% endif %} plus one
+// pass takes {% if ctx.has_sharing %}1 + {% endif %}{= ctx.rows =} + F cycles of reads{% if ctx.has_sharing %} ({= ctx.recon_rows =} rows instead of {= ctx.rows =} for a later pass of a tile){% endif %}{% if ctx.mp %} ({= ctx.rows / 2 =} rows
+// in a {= ctx.bus =}-bit layer){% endif %} plus one
 // cycle for the last word. The pass becomes ready the cycle after its last word.
 // Compute schedule: a ready tile starts when the previous one has issued all of its vectors;
 // the load of the next tile starts in the same cycle.
@@ -18,8 +19,9 @@ module msq_ctrl (
   input  logic [{= ctx.aw - 1 =}:0]   tiles_i,        // passes in the layer (tiles plus extra passes), at least 1
   input  logic [{= ctx.aw - 1 =}:0]   k_tiles_i,      // tiles along the input channels, at least 1
   input  logic [{= ctx.aw - 1 =}:0]   vectors_i,      // activation vectors per tile, at least 1
-  output logic [{= ctx.aw - 1 =}:0]   row_addr_o,     // row-word memory address
-{% if ctx.has_pairs %}  input  logic [{= ctx.cols * ctx.b - 1 =}:0]   row_slots_i,    // slots of the row word read in the previous cycle
+{% if ctx.mp %}  input  logic                 wide_i,         // {= ctx.bus =}-bit layer: each row word loads two PE rows
+{% endif %}  output logic [{= ctx.aw - 1 =}:0]   row_addr_o,     // row-word memory address
+{% if ctx.has_pairs %}  input  logic [{= ctx.cols * ctx.bus - 1 =}:0]   row_slots_i,    // slots of the row word read in the previous cycle
 {% if ctx.has_micro %}  input  logic [{= ctx.ubr * ctx.u - 1 =}:0]   row_micro_i,    // micro-exponents of that row word
 {% endif %}  output logic [{= ctx.aw - 1 =}:0]   pair_addr_o,    // pair-entry memory address
   input  logic [{= ctx.ubr - 1 =}:0]   flags_i,        // flagged micro-blocks of the row word read in the previous cycle
@@ -31,7 +33,7 @@ module msq_ctrl (
   output logic [{= ctx.rows - 1 =}:0]   row_sel_o,      // one-hot PE row being loaded
 {% if ctx.has_pairs %}  output logic                 pair_load_o,    // the pair entry read in the previous cycle is valid
   output logic [{= ctx.ubr - 1 =}:0]   ublock_sel_o,   // one-hot micro-block that the pair entry belongs to
-  output logic [{= ctx.cols * ctx.b - 1 =}:0]   buf_slots_o,    // slots of the row whose pair entries arrive
+  output logic [{= ctx.cols * ctx.bus - 1 =}:0]   buf_slots_o,    // slots of the row whose pair entries arrive
 {% if ctx.has_micro %}  output logic [{= ctx.ubr * ctx.u - 1 =}:0]   buf_micro_o,    // micro-exponents of that row
 {% endif %}{% endif %}  output logic                 swap_o,         // the activation word read now starts a new tile
   output logic                 act_valid_o,    // the activation word read in the previous cycle is valid
@@ -50,7 +52,11 @@ module msq_ctrl (
   logic full_q;                       // the shadow registers hold a complete tile
   logic [{= ctx.aw - 1 =}:0] row_addr_q;
   logic issue_row, last_word, load_start, swap;
-{% if ctx.has_sharing %}  logic hdr_issued_q;                 // the current load has read its header
+{% if ctx.mp %}  // A wide row word writes rows 2k and 2k+1, and row 2k+1 switches to the loading tile
+  // 2k+1 cycles after row 0. A cycle without a row read after each row word keeps every
+  // write at or after its row's switch; pair reads fill that cycle when the row has them.
+  logic row_gap_q;
+{% endif %}{% if ctx.has_sharing %}  logic hdr_issued_q;                 // the current load has read its header
   logic hdr_pending_q;                // a header arrives this cycle
   logic same_shadow_q;                // the loaded pass reuses the previous activations
   logic [{= ctx.aw - 1 =}:0] hdr_addr_q;
@@ -61,7 +67,7 @@ module msq_ctrl (
   logic [{= ctx.cw - 1 =}:0] pairs_todo_q;    // pair reads still to issue for the current row
   logic [{= ctx.ubr - 1 =}:0] flags_q;        // flagged micro-blocks whose entries have not arrived
   logic [{= ctx.aw - 1 =}:0] pair_addr_q;
-  logic [{= ctx.cols * ctx.b - 1 =}:0] buf_slots_q;
+  logic [{= ctx.cols * ctx.bus - 1 =}:0] buf_slots_q;
 {% if ctx.has_micro %}  logic [{= ctx.ubr * ctx.u - 1 =}:0] buf_micro_q;
 {% endif %}  logic [{= ctx.cw - 1 =}:0] flag_count;
   logic issue_pair;
@@ -85,12 +91,17 @@ module msq_ctrl (
   assign rows_left = next_row_q != '0 && !(same_shadow_q && next_row_q[{= ctx.recon_rows =}]);
   assign issue_row = load_active_q && hdr_issued_q && rows_left && !issue_pair;
   assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair && !issue_hdr;
+{% else if ctx.mp %}  assign issue_row = load_active_q && next_row_q != '0 && !issue_pair && !(wide_i && row_gap_q);
+  assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair && next_row_q == '0;
 {% else %}  assign issue_row = load_active_q && next_row_q != '0 && !issue_pair;
   assign last_word = (row_pending_q || pair_pending_q) && !issue_row && !issue_pair;
 {% endif %}
 {% else %}
-  assign issue_row = load_active_q && next_row_q != '0;
+{% if ctx.mp %}  assign issue_row = load_active_q && next_row_q != '0 && !(wide_i && row_gap_q);
+  assign last_word = row_pending_q && !issue_row && next_row_q == '0;
+{% else %}  assign issue_row = load_active_q && next_row_q != '0;
   assign last_word = row_pending_q && !issue_row;
+{% endif %}
 {% endif %}
   assign load_start = busy_q && !load_active_q && (!full_q || swap) && load_tiles_q != tiles_i;
 
@@ -103,7 +114,8 @@ module msq_ctrl (
       row_pending_q <= 1'b0;
       full_q        <= 1'b0;
       row_addr_q    <= '0;
-{% if ctx.has_sharing %}      hdr_issued_q   <= 1'b0;
+{% if ctx.mp %}      row_gap_q     <= 1'b0;
+{% endif %}{% if ctx.has_sharing %}      hdr_issued_q   <= 1'b0;
       hdr_pending_q  <= 1'b0;
       same_shadow_q  <= 1'b0;
       hdr_addr_q     <= '0;
@@ -118,7 +130,8 @@ module msq_ctrl (
       load_tiles_q  <= '0;
       next_row_q    <= '0;
       row_pending_q <= 1'b0;
-      full_q        <= 1'b0;
+{% if ctx.mp %}      row_gap_q     <= 1'b0;
+{% endif %}      full_q        <= 1'b0;
       row_addr_q    <= '0;
 {% if ctx.has_sharing %}      hdr_issued_q   <= 1'b0;
       hdr_pending_q  <= 1'b0;
@@ -143,10 +156,13 @@ module msq_ctrl (
       end
 {% endif %}
       row_pending_q <= issue_row;
-      if (issue_row) begin
+{% if ctx.mp %}      row_gap_q     <= issue_row;
+{% endif %}      if (issue_row) begin
         row_addr_q <= row_addr_q + 1'b1;
         row_sel_q  <= next_row_q;
-        next_row_q <= next_row_q << 1;
+{% if ctx.mp %}        next_row_q <= wide_i ? next_row_q << 2 : next_row_q << 1;
+{% else %}        next_row_q <= next_row_q << 1;
+{% endif %}
       end
 {% if ctx.has_pairs %}      pair_pending_q <= issue_pair;
       pairs_todo_q   <= pairs_todo_d;
@@ -175,7 +191,10 @@ module msq_ctrl (
   assign hdr_load_o = hdr_pending_q;
 {% endif %}
   assign row_load_o = row_pending_q;
-  assign row_sel_o  = row_sel_q;
+{% if ctx.mp %}  // A wide row word fills the low lanes (even row) and the high lanes (odd row) at once.
+  assign row_sel_o  = wide_i ? (row_sel_q | (row_sel_q << 1)) : row_sel_q;
+{% else %}  assign row_sel_o  = row_sel_q;
+{% endif %}
 {% if ctx.has_pairs %}  assign pair_addr_o  = pair_addr_q;
   assign pair_load_o  = pair_pending_q;
   assign ublock_sel_o = flags_q & (~flags_q + 1'b1);

@@ -12,7 +12,7 @@
 // and the lower {= ctx.lo_bits =} bits for the pruned lane. Both lanes get the shift of the merged product. Pair entry layout:
 // count [{= ctx.pcb - 1 =}:0], offset code [{= ctx.pcb + ctx.x - 1 =}:{= ctx.pcb =}], pair i lanes o at {= ctx.pair_lo =} + i*{= 2 * ctx.log_m =} and p
 // {= ctx.log_m =} bits above it, then the ReCoN commands at bit {= ctx.cmd_lo =}.
-{% endif %}module msq_decode (
+{% endif %}module {= ctx.decode_name =} (
   input  logic [{= ctx.rww - 1 =}:0] row_word_i,       // row word read from memory
   output logic [{= ctx.cols * ctx.b - 1 =}:0] inlier_weight_o{% if ctx.has_shift || ctx.has_pairs %},{% endif %}  // weight of PE c at [c*{= ctx.b =} +: {= ctx.b =}]
 {% if ctx.has_shift %}  output logic [{= ctx.cols * ctx.sw - 1 =}:0] inlier_shift_o{% if ctx.has_pairs %},{% endif %}   // shift of PE c at [c*{= ctx.sw =} +: {= ctx.sw =}]

@@ -9,8 +9,9 @@ module msq_pe (
   input  logic                    clk_i,     // clock
   input  logic                    rst_ni,    // asynchronous reset, active low
   input  logic                    load_i,    // write the inputs into the shadow copy
-  input  logic signed [{= ctx.b - 1 =}:0]   weight_i,  // weight, two's complement
-{% if ctx.has_shift %}  input  logic        [{= ctx.sw - 1 =}:0]   shift_i,   // left shift applied after ReCoN
+  input  logic signed [{= ctx.wb - 1 =}:0]   weight_i,  // weight, two's complement
+{% if ctx.pe_mode %}  input  logic                    wide_i,    // {= ctx.bus =}-bit layer: pre-shift an upper half by {= ctx.wide_lo_bits =}, not {= ctx.lo_bits =}
+{% endif %}{% if ctx.has_shift %}  input  logic        [{= ctx.sw - 1 =}:0]   shift_i,   // left shift applied after ReCoN
 {% endif %}{% if ctx.has_pairs %}  input  logic                    hi_i,      // the weight is an outlier's upper significand half
 {% endif %}  input  logic                    swap_i,    // make the shadow copy active
   input  logic signed [{= ctx.a - 1 =}:0]   act_i,     // activation of this PE row
@@ -18,7 +19,7 @@ module msq_pe (
 {% endif %}  output logic signed [{= ctx.pw - 1 =}:0]  prod_o     // weight * activation{% if ctx.has_pairs %}, pre-shifted when hi{% endif %}
 );
 
-  logic signed [{= ctx.b - 1 =}:0] weight_shadow_q, weight_q;
+  logic signed [{= ctx.wb - 1 =}:0] weight_shadow_q, weight_q;
 {% if ctx.has_shift %}  logic        [{= ctx.sw - 1 =}:0] shift_shadow_q, shift_q;
 {% endif %}{% if ctx.has_pairs %}  logic hi_shadow_q, hi_q;
 {% endif %}
@@ -47,13 +48,15 @@ module msq_pe (
   // Both operands are sign-extended to the exact product width ({= ctx.mw =} bits, derived from
   // the largest magnitudes), so the multiplication is signed and never wraps.
   logic signed [{= ctx.mw - 1 =}:0] weight_ext, act_ext, mul;
-  assign weight_ext = {{{= ctx.mw - ctx.b =}{weight_q[{= ctx.b - 1 =}]}}, weight_q};
+  assign weight_ext = {{{= ctx.mw - ctx.wb =}{weight_q[{= ctx.wb - 1 =}]}}, weight_q};
   assign act_ext    = {{{= ctx.mw - ctx.a =}{act_i[{= ctx.a - 1 =}]}}, act_i};
   assign mul        = weight_ext * act_ext;
 {% if ctx.has_pairs %}
   logic signed [{= ctx.pw - 1 =}:0] mul_ext;
   assign mul_ext = {= ctx.sext("mul", ctx.mw, ctx.pw) =};
-  assign prod_o  = hi_q ? (mul_ext <<< {= ctx.lo_bits =}) : mul_ext;
+{% if ctx.pe_mode %}  assign prod_o  = !hi_q ? mul_ext : wide_i ? (mul_ext <<< {= ctx.wide_lo_bits =}) : (mul_ext <<< {= ctx.lo_bits =});
+{% else %}  assign prod_o  = hi_q ? (mul_ext <<< {= ctx.lo_bits =}) : mul_ext;
+{% endif %}
 {% else %}
   assign prod_o = {= ctx.sext("mul", ctx.mw, ctx.pw) =};
 {% endif %}{% if ctx.has_shift %}  assign shift_o = shift_q;

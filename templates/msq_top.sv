@@ -12,7 +12,8 @@ module msq_top (
   input  logic [{= ctx.aw - 1 =}:0]   tiles_i,      // passes in the layer (tiles plus extra passes), at least 1
   input  logic [{= ctx.aw - 1 =}:0]   k_tiles_i,    // tiles along the input channels, at least 1
   input  logic [{= ctx.aw - 1 =}:0]   vectors_i,    // activation vectors per tile, at least 1
-  output logic [{= ctx.aw - 1 =}:0]   row_addr_o,   // row-word memory address
+{% if ctx.mp %}  input  logic                 wide_i,       // sampled with start_i: the layer has {= ctx.bus =}-bit weights
+{% endif %}  output logic [{= ctx.aw - 1 =}:0]   row_addr_o,   // row-word memory address
   input  logic [{= ctx.rww - 1 =}:0]   row_word_i,   // row word, one cycle after its address
 {% if ctx.has_pairs %}  output logic [{= ctx.aw - 1 =}:0]   pair_addr_o,  // pair-entry memory address
   input  logic [{= ctx.pew - 1 =}:0]   pair_i,       // pair entry, one cycle after its address
@@ -29,22 +30,33 @@ module msq_top (
 {% if ctx.has_sharing %}  logic hdr_load;
 {% endif %}
   logic [{= ctx.rows - 1 =}:0] row_sel;
-  logic [{= ctx.cols * ctx.b - 1 =}:0] inlier_weight;
+  logic [{= ctx.cols * ctx.bus - 1 =}:0] inlier_weight;
 {% if ctx.has_shift %}  logic [{= ctx.cols * ctx.sw - 1 =}:0] inlier_shift;
 {% endif %}{% if ctx.has_pairs %}  logic pair_load;
   logic [{= ctx.ubr - 1 =}:0] flags, ublock_sel;
-  logic [{= ctx.cols * ctx.b - 1 =}:0] buf_slots;
+  logic [{= ctx.cols * ctx.bus - 1 =}:0] row_slots, buf_slots;
 {% if ctx.has_micro %}  logic [{= ctx.ubr * ctx.u - 1 =}:0] row_micro, buf_micro;
 {% endif %}  logic [{= ctx.m - 1 =}:0] pair_we, pair_hi;
-  logic [{= ctx.m * ctx.b - 1 =}:0] pair_weight;
+  logic [{= ctx.m * ctx.bus - 1 =}:0] pair_weight;
   logic [{= ctx.m * ctx.sw - 1 =}:0] pair_shift;
   logic [{= ctx.cmd_bits - 1 =}:0] pair_cmd;
-{% if ctx.has_micro %}
-  // Micro-exponent fields of the row word, packed for the controller's row buffer.
-  for (genvar j = 0; j < {= ctx.ubr =}; j++) begin : g_micro
+{% if !ctx.mp %}
+  // Slot and micro-exponent fields of the row word, for the controller's row buffer.
+  assign row_slots = row_word_i[{= ctx.cols * ctx.b - 1 =}:0];
+{% if ctx.has_micro %}  for (genvar j = 0; j < {= ctx.ubr =}; j++) begin : g_micro
     assign row_micro[j*{= ctx.u =} +: {= ctx.u =}] = row_word_i[{= ctx.cols * ctx.b + ctx.meta_flag =} + j*{= ctx.meta_bits =} +: {= ctx.u =}];
   end
-{% endif %}{% endif %}
+{% endif %}{% endif %}{% endif %}{% if ctx.mp %}
+  // The layer's weight width, held for the whole layer.
+  logic wide_q;
+  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      wide_q <= 1'b0;
+    end else if (start_i) begin
+      wide_q <= wide_i;
+    end
+  end
+{% endif %}
   msq_ctrl u_ctrl (
     .clk_i        (clk_i),
     .rst_ni       (rst_ni),
@@ -52,8 +64,9 @@ module msq_top (
     .tiles_i      (tiles_i),
     .k_tiles_i    (k_tiles_i),
     .vectors_i    (vectors_i),
-    .row_addr_o   (row_addr_o),
-{% if ctx.has_pairs %}    .row_slots_i  (row_word_i[{= ctx.cols * ctx.b - 1 =}:0]),
+{% if ctx.mp %}    .wide_i       (wide_q),
+{% endif %}    .row_addr_o   (row_addr_o),
+{% if ctx.has_pairs %}    .row_slots_i  (row_slots),
 {% if ctx.has_micro %}    .row_micro_i  (row_micro),
 {% endif %}    .pair_addr_o  (pair_addr_o),
     .flags_i      (flags),
@@ -73,8 +86,14 @@ module msq_top (
     .done_o       (done_o)
   );
 
-  msq_decode u_decode (
+{% if ctx.mp %}  msq_decode_mp u_decode (
+    .wide_i          (wide_q),
     .row_word_i      (row_word_i),
+{% if ctx.has_pairs %}    .row_slots_o     (row_slots),
+{% if ctx.has_micro %}    .row_micro_o     (row_micro),
+{% endif %}{% endif %}{% else %}  msq_decode u_decode (
+    .row_word_i      (row_word_i),
+{% endif %}
     .inlier_weight_o (inlier_weight){% if ctx.has_shift || ctx.has_pairs %},{% endif %}
 {% if ctx.has_shift %}    .inlier_shift_o  (inlier_shift){% if ctx.has_pairs %},{% endif %}
 {% endif %}{% if ctx.has_pairs %}    .flags_o         (flags),
@@ -95,7 +114,8 @@ module msq_top (
     .swap_i          (swap),
     .act_valid_i     (act_valid),
     .act_i           (act_i),
-{% if ctx.has_sharing %}    .hdr_load_i      (hdr_load),
+{% if ctx.mp %}    .wide_i          (wide_q),
+{% endif %}{% if ctx.has_sharing %}    .hdr_load_i      (hdr_load),
     .hdr_i           (hdr_i),
 {% endif %}    .row_load_i      (row_load),
     .row_sel_i       (row_sel),

@@ -44,6 +44,53 @@ fn yosys_synthesizes_matrix_cleanly() {
     }
 }
 
+/// Multi-precision points: (rows, cols, micro-block, max pairs).
+const MULTI_PRECISION: &[(u32, u32, u32, u32)] = &[(2, 2, 2, 1), (4, 8, 8, 4), (16, 16, 8, 4)];
+
+fn resolve_multi_precision(point: (u32, u32, u32, u32)) -> Resolved {
+    let (rows, cols, m, pairs) = point;
+    let mut c = Config::default_config();
+    c.array.rows = rows;
+    c.array.cols = cols;
+    c.array.multi_precision = true;
+    c.format.ublock = m;
+    c.format.max_pairs = pairs;
+    c.format.mab_rows = None;
+    c.resolve().unwrap_or_else(|e| panic!("multi-precision configuration {point:?}: {e}"))
+}
+
+#[test]
+fn yosys_synthesizes_multi_precision_cleanly() {
+    for &point in MULTI_PRECISION {
+        let r = resolve_multi_precision(point);
+        let dir = tempfile::tempdir().unwrap();
+        let files = generator::generate_rtl(&r);
+        generator::write_files(dir.path(), &files).unwrap();
+        let report = synthesis::check(dir.path(), &files).unwrap_or_else(|e| panic!("multi-precision {point:?}: {e}"));
+        assert!(report.cells > 0, "multi-precision {point:?}: no cells after synthesis");
+    }
+}
+
+#[test]
+fn icarus_matches_golden_multi_precision() {
+    let array = resolve_multi_precision(MULTI_PRECISION[0]);
+    for weight_bits in [2, 4] {
+        let r = array.layer_config(weight_bits).unwrap().clone();
+        let weights = random_weights(9, 7, 3);
+        let layer = quantizer::quantize(&weights, &r);
+        let vectors = random_activations(3, layer.k_pad, r.a, 5);
+        let img = image::build(&layer, &r, &vectors);
+        let prediction = golden::predict_on_array(&r, &img, array.rows);
+        let options = SimOptions { simulator: Simulator::Icarus, ..SimOptions::default() };
+        let sim = simulation::simulate_layer(&array, &r, &img, prediction.cycles, &options)
+            .unwrap_or_else(|e| panic!("W{weight_bits} layer: {e}"));
+        let comparison = simulation::compare(&prediction, &sim, img.vectors);
+        assert_eq!(comparison.mismatches, 0, "W{weight_bits} layer: first mismatch {:?}", comparison.first);
+        assert_eq!(comparison.cycles, comparison.cycles_predicted, "W{weight_bits} layer: cycle count");
+        std::fs::remove_dir_all(&sim.work_dir).unwrap();
+    }
+}
+
 fn random_weights(n: usize, k: usize, seed: u64) -> Matrix {
     let mut rng = SplitMix64(seed);
     let data = (0..n * k)

@@ -1,0 +1,103 @@
+//! Multi-precision arrays: one generated design runs both b-bit and 2b-bit layers, the mode
+//! taken from each layer's image, and both match the golden model bit for bit.
+
+mod common;
+
+use microscopiq::config::Resolved;
+use microscopiq::flow::{self, RunOptions};
+use microscopiq::generator;
+use microscopiq::quantizer;
+
+const N_OUT: usize = 21;
+const K_IN: usize = 19;
+const VECTORS: usize = 3;
+
+fn design(rows: u32, cols: u32, ublock: u32) -> Resolved {
+    let mut config = common::config(rows, cols, 2, ublock, ublock / 2);
+    config.array.multi_precision = true;
+    // A low threshold fills micro-blocks with pairs in both kinds of layer.
+    config.quantizer.k_sigma = 1.0;
+    common::resolve(&config)
+}
+
+/// Runs one layer of `weight_bits`-bit inliers on `array` and checks the comparison.
+fn run_mode(array: &Resolved, weight_bits: u32, seed: u64) -> flow::RunReport {
+    let layer_config = array.layer_config(weight_bits).expect("the array runs this width").clone();
+    let label = format!("{}x{} multi-precision array, W{weight_bits} layer", array.rows, array.cols);
+    let weights = common::outlier_weights(N_OUT, K_IN, seed);
+    let layer = quantizer::quantize(&weights, &layer_config);
+    if layer_config.max_pairs > 0 {
+        assert!(layer.stats.outliers > 0, "{label}: the test weights gave no outliers");
+    }
+    let options = RunOptions { vectors: VECTORS, seed, ..RunOptions::default() };
+    let report = flow::run_layer(array, &layer_config, &weights, &options, &|_| {})
+        .unwrap_or_else(|e| panic!("{label}: run failed: {e}"));
+    assert_eq!(report.weight_bits, weight_bits, "{label}: wrong layer width reported");
+    assert_eq!(report.mismatches, 0, "{label}: first mismatch {:?}, files in {:?}", report.first_mismatch, report.work_dir);
+    assert_eq!(report.cycles, report.cycles_predicted, "{label}: RTL cycle count differs from the prediction");
+    assert_eq!(report.outputs_compared, report.tiles * VECTORS * array.cols, "{label}: not every output was compared");
+    report
+}
+
+#[test]
+fn w2_and_w4_layers_on_one_array() {
+    for (rows, cols, ublock) in [(2, 2, 2), (4, 8, 8), (8, 4, 4)] {
+        let array = design(rows, cols, ublock);
+        let narrow = run_mode(&array, 2, 3);
+        let wide = run_mode(&array, 4, 3);
+        assert_eq!(narrow.config_hash, wide.config_hash, "both layers must run on the same design");
+        // A 4-bit tile covers half as many input channels, so the same layer needs more tiles.
+        assert!(wide.tiles > narrow.tiles, "{rows}x{cols}: W4 tiles {} vs W2 tiles {}", wide.tiles, narrow.tiles);
+        if let Err(e) = common::lint_design(&array) {
+            panic!("{rows}x{cols} multi-precision array: verilator --lint-only -Wall reported: {e}");
+        }
+    }
+}
+
+#[test]
+fn multi_precision_without_pairs() {
+    let mut config = common::config(2, 4, 2, 4, 0);
+    config.array.multi_precision = true;
+    let array = common::resolve(&config);
+    run_mode(&array, 2, 5);
+    run_mode(&array, 4, 5);
+    if let Err(e) = common::lint_design(&array) {
+        panic!("multi-precision array without pairs: verilator --lint-only -Wall reported: {e}");
+    }
+}
+
+#[test]
+fn odd_rows_rejected() {
+    let mut config = common::config(3, 4, 2, 4, 2);
+    config.array.multi_precision = true;
+    let error = config.resolve().expect_err("3 rows cannot pair into multi-precision PEs").to_string();
+    assert!(error.contains("rows = 3"), "message does not name the parameter: {error}");
+    assert!(error.contains("even"), "message does not say what is legal: {error}");
+}
+
+#[test]
+fn shared_recon_rejected() {
+    let mut config = common::config(4, 4, 2, 4, 2);
+    config.array.multi_precision = true;
+    config.array.recon_rows = Some(2);
+    let error = config.resolve().expect_err("shared ReCoN rows are not supported").to_string();
+    assert!(error.contains("recon_rows = 2"), "message does not name the parameter: {error}");
+}
+
+#[test]
+fn wide_layer_needs_multi_precision() {
+    let array = common::resolve(&common::config(4, 4, 2, 4, 2));
+    let error = array.layer_config(4).expect_err("a single-precision array runs W2 only").to_string();
+    assert!(error.contains("multi_precision"), "message does not say how to fix it: {error}");
+}
+
+#[test]
+fn single_precision_rtl_unchanged() {
+    // Turning the option on must not change the files of a single-precision design.
+    let plain = common::resolve(&common::config(4, 4, 2, 4, 2));
+    let files = generator::generate_rtl(&plain);
+    assert!(files.iter().all(|f| !f.text.contains("wide_i")), "a single-precision design has mode ports");
+    let mp = design(4, 4, 4);
+    let names: Vec<String> = generator::generate_rtl(&mp).into_iter().map(|f| f.name).collect();
+    assert!(names.contains(&"msq_decode_mp.sv".to_string()), "multi-precision design lacks its decode: {names:?}");
+}
