@@ -109,6 +109,9 @@ pub struct ConfigArgs {
     /// Build multi-precision PEs that run both b-bit and 2b-bit layers (rows must be even).
     #[arg(long)]
     pub multi_precision: bool,
+    /// Pipeline registers per PE row: 0, 1 (after the multiplier) or 2 (also after ReCoN).
+    #[arg(long)]
+    pub pipeline_stages: Option<u32>,
 }
 
 /// Rounding rule names on the command line.
@@ -139,6 +142,7 @@ impl ConfigArgs {
             }),
             recon_rows: self.recon_rows,
             multi_precision: self.multi_precision.then_some(true),
+            pipeline_stages: self.pipeline_stages,
         });
         config.resolve().map_err(|e| e.to_string())
     }
@@ -283,6 +287,9 @@ pub struct RunArgs {
     /// Quantize with GPTQ, calibrated on MiniLM's calibration sentences (MiniLM layers only).
     #[arg(long)]
     pub gptq: bool,
+    /// Inlier bits of the layer: the array's b (default), or 2b on a --multi-precision array.
+    #[arg(long, value_name = "BITS")]
+    pub layer_bits: Option<u32>,
     /// Activations: seeded random integers, or real inputs of the MiniLM layer captured on
     /// held-out sentences and quantized to A bits per token.
     #[arg(long, value_enum, default_value = "random")]
@@ -714,7 +721,11 @@ fn print_comparison(c: &simulation::Comparison, work_dir: &Path, removed: bool) 
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
-    let r = args.config.resolve()?;
+    let array = args.config.resolve()?;
+    let r = array
+        .layer_config(args.layer_bits.unwrap_or(array.b))
+        .map_err(|e| format!("--layer-bits: {e}"))?
+        .clone();
     let weights = args.tensor.load()?;
     if args.vectors == 0 {
         return Err("invalid --vectors 0: at least one activation vector is needed".into());
@@ -740,7 +751,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
     } else {
         None
     };
-    let report = flow::run(
+    let report = flow::run_layer(
+        &array,
         &r,
         &weights,
         &RunOptions {
@@ -761,7 +773,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
     } else {
         print_table(&[
             ("tensor", format!("{} [{} x {}]", report.tensor, report.shape[0], report.shape[1])),
-            ("config", format!("{} ({}x{} array, b = {}, A = {}, M = {})", report.config_hash, r.rows, r.cols, r.b, r.a, r.m)),
+            ("config", format!("{} ({}x{} array, b = {}, A = {}, M = {})", report.config_hash, array.rows, array.cols, array.b, array.a, array.m)),
+            ("layer weights", format!("W{}", report.weight_bits)),
             ("EBW (bits/weight)", format!("{:.3}", report.ebw)),
             ("outliers / pruned", format!("{} / {}", report.outliers, report.pruned)),
             ("relative error", format!("{:.5}", report.relative_error)),

@@ -33,6 +33,14 @@ pub struct ArrayConfig {
     /// and a high lane (W`2b` images). The image of each layer selects the mode.
     #[serde(default, skip_serializing_if = "is_false")]
     pub multi_precision: bool,
+    /// Pipeline registers in each PE row: 0; 1 adds a register after the multiplier; 2 also
+    /// adds one after ReCoN, before the column shift and addition. Each adds a cycle of latency.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pipeline_stages: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 fn is_false(value: &bool) -> bool {
@@ -114,6 +122,7 @@ pub struct Overrides {
     pub rounding: Option<Rounding>,
     pub recon_rows: Option<u32>,
     pub multi_precision: Option<bool>,
+    pub pipeline_stages: Option<u32>,
 }
 
 /// An invalid configuration: names the parameter, the value and the legal range.
@@ -161,6 +170,9 @@ impl Config {
         }
         if let Some(v) = o.multi_precision {
             self.array.multi_precision = v;
+        }
+        if let Some(v) = o.pipeline_stages {
+            self.array.pipeline_stages = v;
         }
         if let Some(v) = o.cols {
             self.array.cols = v;
@@ -300,6 +312,7 @@ impl Resolved {
         }
         check_range("act_bits", f.act_bits, 2, 16)?;
         check_range("address_bits", config.array.address_bits, 4, 32)?;
+        check_range("pipeline_stages", config.array.pipeline_stages, 0, 2)?;
         let recon_rows = config.array.recon_rows.unwrap_or(config.array.rows);
         check_range("recon_rows", recon_rows, 1, config.array.rows)?;
         if !f.ublock.is_power_of_two() || f.ublock > 32 {

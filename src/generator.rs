@@ -126,6 +126,11 @@ pub struct RtlContext {
     pub wide_shift: bool,
     /// Bit of the first micro-exponent in a 2b-bit layer's row word.
     pub wide_micro_lo: i64,
+    /// Pipeline registers per PE row (0 to 2).
+    pub pipeline_stages: i64,
+    /// Signal that carries a row's merged lanes to the column shift: the ReCoN output, or its
+    /// register with two pipeline stages.
+    pub lane_src: String,
 }
 
 impl RtlContext {
@@ -230,6 +235,8 @@ impl RtlContext {
             wide_rww: r.wide.as_ref().map_or(0, |w| w.row_word_bits) as i64,
             narrow_shift: r.max_shift > 0,
             wide_shift: r.wide.as_ref().is_some_and(|w| w.max_shift > 0),
+            pipeline_stages: r.config.array.pipeline_stages as i64,
+            lane_src: if r.config.array.pipeline_stages >= 2 { "lane_q" } else { "lane_out" }.to_string(),
             wide_micro_lo: r.wide.as_ref().map_or(0, |w| (r.cols as u32 * w.b + u32::from(w.max_pairs > 0)) as i64),
         }
         .with_design_widths(r)

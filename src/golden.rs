@@ -264,7 +264,9 @@ pub fn predict_on_array(r: &Resolved, image: &Image, array_rows: usize) -> Predi
             outputs.push(tile_output(r, &tile, &routings[t].route(r, element)));
         }
     }
-    let cycles = predict_cycles(array_rows as u64, image.vectors as u64, &reads_per_tile);
+    // Pipeline registers lengthen the path from the first row to the output like extra rows.
+    let latency_rows = array_rows as u64 + u64::from(r.config.array.pipeline_stages);
+    let cycles = predict_cycles(latency_rows, image.vectors as u64, &reads_per_tile);
     Prediction { outputs, cycles, flagged_per_tile, k_tile_of_pass }
 }
 

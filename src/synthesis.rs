@@ -143,7 +143,7 @@ fn group_of(module: &str) -> &'static str {
     match module {
         "msq_pe" | "msq_array" => "pe_array",
         "msq_recon" | "msq_recon_switch" => "recon",
-        "msq_decode" => "decode",
+        "msq_decode" | "msq_decode_mp" | "msq_decode_narrow" | "msq_decode_wide" => "decode",
         "msq_act_route" => "act_routing",
         "msq_ctrl" => "controller",
         _ => "top",
@@ -251,7 +251,7 @@ pub fn synthesize(dir: &Path, files: &[GeneratedFile], target: Target) -> Result
         };
         let group = groups.entry(group_of(module).to_string()).or_default();
         group.add(&scaled);
-        if matches!(module.as_str(), "msq_pe" | "msq_recon" | "msq_decode" | "msq_act_route" | "msq_ctrl" | "msq_top") {
+        if matches!(module.as_str(), "msq_pe" | "msq_recon" | "msq_decode" | "msq_decode_mp" | "msq_act_route" | "msq_ctrl" | "msq_top") {
             group.instances = times;
         }
         total.add(&scaled);

@@ -4,7 +4,7 @@
 // Each row's activation is broadcast to all its PEs, so the products of one row are ready in
 // the same cycle and ReCoN can merge them. Row r sees its activation r cycles after row 0, and
 // partial sums move down one row per cycle, so a column's sum for one activation vector leaves
-// the last row {= ctx.rows + 1 =} cycles after the vector entered. The tile-start pulse follows the same
+// the last row {= ctx.rows + 1 + ctx.pipeline_stages =} cycles after the vector entered{% if ctx.pipeline_stages > 0 %} ({= ctx.pipeline_stages =} of them in pipeline registers){% endif %}. The tile-start pulse follows the same
 // skew, so each row switches to the next tile's weights exactly when that tile's first vector
 // reaches it.
 module msq_array (
@@ -106,7 +106,13 @@ module msq_array (
     // Products of the row, and the lanes that reach the column adders.
     logic [{= ctx.cols * ctx.lw - 1 =}:0] lane_in;
     logic [{= ctx.cols * ctx.lw - 1 =}:0] lane_out;
-    for (genvar c = 0; c < {= ctx.cols =}; c++) begin : g_col
+{% if ctx.pipeline_stages >= 2 %}    // Register after ReCoN: cuts the path between the last switch stage and the column shift.
+    logic [{= ctx.cols * ctx.lw - 1 =}:0] lane_q;
+    always_ff @(posedge clk_i or negedge rst_ni) begin
+      if (!rst_ni) lane_q <= '0;
+      else         lane_q <= lane_out;
+    end
+{% endif %}    for (genvar c = 0; c < {= ctx.cols =}; c++) begin : g_col
       logic load;
       logic signed [{= ctx.wb - 1 =}:0] weight;
 {% if ctx.mp %}      logic [{= ctx.bus - 1 =}:0] bus_weight;
@@ -158,10 +164,16 @@ module msq_array (
       // shifted by the PE's shift after ReCoN.
       logic signed [{= ctx.shw - 1 =}:0] shifted;
       logic signed [{= ctx.acc - 1 =}:0] addend;
-{% if ctx.has_shift %}      logic signed [{= ctx.shw - 1 =}:0] lane_ext;
-      assign lane_ext = {= ctx.sext("lane_out[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.shw) =};
-      assign shifted  = lane_ext <<< active_shift;
-{% else %}      assign shifted  = {= ctx.sext("lane_out[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.shw) =};
+{% if ctx.pipeline_stages >= 2 && ctx.has_shift %}      // The shift follows its lane through the register after ReCoN.
+      logic [{= ctx.sw - 1 =}:0] lane_shift_q;
+      always_ff @(posedge clk_i or negedge rst_ni) begin
+        if (!rst_ni) lane_shift_q <= '0;
+        else         lane_shift_q <= active_shift;
+      end
+{% endif %}{% if ctx.has_shift %}      logic signed [{= ctx.shw - 1 =}:0] lane_ext;
+      assign lane_ext = {= ctx.sext(ctx.lane_src ~ "[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.shw) =};
+      assign shifted  = lane_ext <<< {% if ctx.pipeline_stages >= 2 %}lane_shift_q{% else %}active_shift{% endif %};
+{% else %}      assign shifted  = {= ctx.sext(ctx.lane_src ~ "[c*" ~ ctx.lw ~ " +: " ~ ctx.lw ~ "]", ctx.lw, ctx.shw) =};
 {% endif %}      assign addend   = {= ctx.sext("shifted", ctx.shw, ctx.acc) =};
       if (r == 0) begin : g_top
         always_ff @(posedge clk_i or negedge rst_ni) begin
@@ -197,8 +209,14 @@ module msq_array (
           end
         end
       end
-      msq_recon u_recon (
-        .cmd_i   (cmd_q),
+{% if ctx.pipeline_stages >= 1 %}      // The products reach ReCoN one cycle late, so the commands follow them.
+      logic [{= ctx.cmd_bits - 1 =}:0] cmd_stage_q;
+      always_ff @(posedge clk_i or negedge rst_ni) begin
+        if (!rst_ni) cmd_stage_q <= '0;
+        else         cmd_stage_q <= cmd_q;
+      end
+{% endif %}      msq_recon u_recon (
+        .cmd_i   ({% if ctx.pipeline_stages >= 1 %}cmd_stage_q{% else %}cmd_q{% endif %}),
         .lanes_i (lane_in[j*{= ctx.m * ctx.lw =} +: {= ctx.m * ctx.lw =}]),
         .lanes_o (lane_out[j*{= ctx.m * ctx.lw =} +: {= ctx.m * ctx.lw =}])
       );
@@ -212,13 +230,24 @@ module msq_array (
     assign lane_out = lane_in;
 {% endif %}  end
 
-  always_ff @(posedge clk_i or negedge rst_ni) begin
+{% if ctx.pipeline_stages == 0 %}  always_ff @(posedge clk_i or negedge rst_ni) begin
     if (!rst_ni) begin
       out_valid_o <= 1'b0;
     end else begin
       out_valid_o <= valid_row_q[{= ctx.rows - 1 =}];
     end
   end
+{% else %}  // The last row's sums trail its activations by the {= ctx.pipeline_stages =} pipeline register(s).
+  logic [{= ctx.pipeline_stages =}:0] out_valid_q;
+  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      out_valid_q <= '0;
+    end else begin
+      out_valid_q <= {out_valid_q[{= ctx.pipeline_stages - 1 =}:0], valid_row_q[{= ctx.rows - 1 =}]};
+    end
+  end
+  assign out_valid_o = out_valid_q[{= ctx.pipeline_stages =}];
+{% endif %}
   assign out_psum_o = psum_q[{= (ctx.rows - 1) * ctx.cols * ctx.acc =} +: {= ctx.cols * ctx.acc =}];
 
 endmodule

@@ -15,8 +15,8 @@ module msq_pe (
 {% endif %}{% if ctx.has_pairs %}  input  logic                    hi_i,      // the weight is an outlier's upper significand half
 {% endif %}  input  logic                    swap_i,    // make the shadow copy active
   input  logic signed [{= ctx.a - 1 =}:0]   act_i,     // activation of this PE row
-{% if ctx.has_shift %}  output logic        [{= ctx.sw - 1 =}:0]   shift_o,   // active shift
-{% endif %}  output logic signed [{= ctx.pw - 1 =}:0]  prod_o     // weight * activation{% if ctx.has_pairs %}, pre-shifted when hi{% endif %}
+{% if ctx.has_shift %}  output logic        [{= ctx.sw - 1 =}:0]   shift_o,   // active shift{% if ctx.pipeline_stages >= 1 %}, delayed like prod_o{% endif %}
+{% endif %}  output logic signed [{= ctx.pw - 1 =}:0]  prod_o     // weight * activation{% if ctx.has_pairs %}, pre-shifted when hi{% endif %}{% if ctx.pipeline_stages >= 1 %}, one cycle later{% endif %}
 );
 
   logic signed [{= ctx.wb - 1 =}:0] weight_shadow_q, weight_q;
@@ -51,14 +51,29 @@ module msq_pe (
   assign weight_ext = {{{= ctx.mw - ctx.wb =}{weight_q[{= ctx.wb - 1 =}]}}, weight_q};
   assign act_ext    = {{{= ctx.mw - ctx.a =}{act_i[{= ctx.a - 1 =}]}}, act_i};
   assign mul        = weight_ext * act_ext;
-{% if ctx.has_pairs %}
-  logic signed [{= ctx.pw - 1 =}:0] mul_ext;
+  logic signed [{= ctx.pw - 1 =}:0] prod;
+{% if ctx.has_pairs %}  logic signed [{= ctx.pw - 1 =}:0] mul_ext;
   assign mul_ext = {= ctx.sext("mul", ctx.mw, ctx.pw) =};
-{% if ctx.pe_mode %}  assign prod_o  = !hi_q ? mul_ext : wide_i ? (mul_ext <<< {= ctx.wide_lo_bits =}) : (mul_ext <<< {= ctx.lo_bits =});
-{% else %}  assign prod_o  = hi_q ? (mul_ext <<< {= ctx.lo_bits =}) : mul_ext;
-{% endif %}
-{% else %}
-  assign prod_o = {= ctx.sext("mul", ctx.mw, ctx.pw) =};
-{% endif %}{% if ctx.has_shift %}  assign shift_o = shift_q;
-{% endif %}
+{% if ctx.pe_mode %}  assign prod    = !hi_q ? mul_ext : wide_i ? (mul_ext <<< {= ctx.wide_lo_bits =}) : (mul_ext <<< {= ctx.lo_bits =});
+{% else %}  assign prod    = hi_q ? (mul_ext <<< {= ctx.lo_bits =}) : mul_ext;
+{% endif %}{% else %}  assign prod = {= ctx.sext("mul", ctx.mw, ctx.pw) =};
+{% endif %}{% if ctx.pipeline_stages >= 1 %}
+  // Product register: the shift is delayed with it, so that both reach ReCoN and the column
+  // adder in the same cycle, also across a tile switch.
+  logic signed [{= ctx.pw - 1 =}:0] prod_q;
+{% if ctx.has_shift %}  logic        [{= ctx.sw - 1 =}:0] shift_stage_q;
+{% endif %}  always_ff @(posedge clk_i or negedge rst_ni) begin
+    if (!rst_ni) begin
+      prod_q        <= '0;
+{% if ctx.has_shift %}      shift_stage_q <= '0;
+{% endif %}    end else begin
+      prod_q        <= prod;
+{% if ctx.has_shift %}      shift_stage_q <= shift_q;
+{% endif %}    end
+  end
+  assign prod_o  = prod_q;
+{% if ctx.has_shift %}  assign shift_o = shift_stage_q;
+{% endif %}{% else %}  assign prod_o  = prod;
+{% if ctx.has_shift %}  assign shift_o = shift_q;
+{% endif %}{% endif %}
 endmodule
