@@ -112,6 +112,9 @@ pub struct ConfigArgs {
     /// Pipeline registers per PE row: 0, 1 (after the multiplier) or 2 (also after ReCoN).
     #[arg(long)]
     pub pipeline_stages: Option<u32>,
+    /// Weight copies per PE: 2 (double buffer, default) or 1 (loads wait for compute).
+    #[arg(long)]
+    pub weight_buffer_depth: Option<u32>,
 }
 
 /// Rounding rule names on the command line.
@@ -143,6 +146,7 @@ impl ConfigArgs {
             recon_rows: self.recon_rows,
             multi_precision: self.multi_precision.then_some(true),
             pipeline_stages: self.pipeline_stages,
+            weight_buffer_depth: self.weight_buffer_depth,
         });
         config.resolve().map_err(|e| e.to_string())
     }

@@ -37,6 +37,19 @@ pub struct ArrayConfig {
     /// adds one after ReCoN, before the column shift and addition. Each adds a cycle of latency.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pipeline_stages: u32,
+    /// Weight copies per PE (and ReCoN command copies per micro-block): 2 loads the next tile
+    /// while the current one computes; 1 halves those registers, and a tile then loads only
+    /// after the previous one has issued its vectors.
+    #[serde(default = "default_weight_buffer_depth", skip_serializing_if = "is_default_weight_buffer_depth")]
+    pub weight_buffer_depth: u32,
+}
+
+fn default_weight_buffer_depth() -> u32 {
+    2
+}
+
+fn is_default_weight_buffer_depth(value: &u32) -> bool {
+    *value == default_weight_buffer_depth()
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -123,6 +136,7 @@ pub struct Overrides {
     pub recon_rows: Option<u32>,
     pub multi_precision: Option<bool>,
     pub pipeline_stages: Option<u32>,
+    pub weight_buffer_depth: Option<u32>,
 }
 
 /// An invalid configuration: names the parameter, the value and the legal range.
@@ -173,6 +187,9 @@ impl Config {
         }
         if let Some(v) = o.pipeline_stages {
             self.array.pipeline_stages = v;
+        }
+        if let Some(v) = o.weight_buffer_depth {
+            self.array.weight_buffer_depth = v;
         }
         if let Some(v) = o.cols {
             self.array.cols = v;
@@ -313,6 +330,7 @@ impl Resolved {
         check_range("act_bits", f.act_bits, 2, 16)?;
         check_range("address_bits", config.array.address_bits, 4, 32)?;
         check_range("pipeline_stages", config.array.pipeline_stages, 0, 2)?;
+        check_range("weight_buffer_depth", config.array.weight_buffer_depth, 1, 2)?;
         let recon_rows = config.array.recon_rows.unwrap_or(config.array.rows);
         check_range("recon_rows", recon_rows, 1, config.array.rows)?;
         if !f.ublock.is_power_of_two() || f.ublock > 32 {

@@ -131,6 +131,10 @@ pub struct RtlContext {
     /// Signal that carries a row's merged lanes to the column shift: the ReCoN output, or its
     /// register with two pipeline stages.
     pub lane_src: String,
+    /// Two weight copies per PE (shadow and active).
+    pub double_buffered: bool,
+    /// The array takes the tile-start pulse: for its shadow registers or the header routing.
+    pub array_swap: bool,
 }
 
 impl RtlContext {
@@ -236,6 +240,8 @@ impl RtlContext {
             narrow_shift: r.max_shift > 0,
             wide_shift: r.wide.as_ref().is_some_and(|w| w.max_shift > 0),
             pipeline_stages: r.config.array.pipeline_stages as i64,
+            double_buffered: r.config.array.weight_buffer_depth == 2,
+            array_swap: r.config.array.weight_buffer_depth == 2 || r.has_sharing,
             lane_src: if r.config.array.pipeline_stages >= 2 { "lane_q" } else { "lane_out" }.to_string(),
             wide_micro_lo: r.wide.as_ref().map_or(0, |w| (r.cols as u32 * w.b + u32::from(w.max_pairs > 0)) as i64),
         }

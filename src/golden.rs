@@ -266,7 +266,11 @@ pub fn predict_on_array(r: &Resolved, image: &Image, array_rows: usize) -> Predi
     }
     // Pipeline registers lengthen the path from the first row to the output like extra rows.
     let latency_rows = array_rows as u64 + u64::from(r.config.array.pipeline_stages);
-    let cycles = predict_cycles(latency_rows, image.vectors as u64, &reads_per_tile);
+    let cycles = if r.config.array.weight_buffer_depth == 1 {
+        predict_cycles_single_buffer(latency_rows, image.vectors as u64, &reads_per_tile)
+    } else {
+        predict_cycles(latency_rows, image.vectors as u64, &reads_per_tile)
+    };
     Prediction { outputs, cycles, flagged_per_tile, k_tile_of_pass }
 }
 
@@ -307,6 +311,19 @@ pub fn predict_cycles(rows: u64, vectors: u64, reads_per_tile: &[u64]) -> u64 {
     let mut start = first + 3;
     for &reads in rest {
         start = (start + vectors).max(start + reads + 2);
+    }
+    start + vectors + rows + 2
+}
+
+/// Cycle count as [`predict_cycles`] for single-buffered weights: pass t's load starts only
+/// when pass t-1 has issued its last vector, so `start_t = start_(t-1) + V + reads_t + 2`.
+pub fn predict_cycles_single_buffer(rows: u64, vectors: u64, reads_per_tile: &[u64]) -> u64 {
+    let Some((&first, rest)) = reads_per_tile.split_first() else {
+        return 1;
+    };
+    let mut start = first + 3;
+    for &reads in rest {
+        start += vectors + reads + 2;
     }
     start + vectors + rows + 2
 }

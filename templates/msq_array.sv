@@ -10,8 +10,8 @@
 module msq_array (
   input  logic                 clk_i,            // clock
   input  logic                 rst_ni,           // asynchronous reset, active low
-  input  logic                 swap_i,           // first vector of a new tile: make shadow weights active
-  input  logic                 act_valid_i,      // act_i holds an activation vector
+{% if ctx.array_swap %}  input  logic                 swap_i,           // first vector of a new tile{% if ctx.double_buffered %}: make shadow weights active{% endif %}
+{% endif %}  input  logic                 act_valid_i,      // act_i holds an activation vector
   input  logic [{= ctx.rows * ctx.a - 1 =}:0]   act_i,            // element r at [r*{= ctx.a =} +: {= ctx.a =}], two's complement
 {% if ctx.mp %}  input  logic                 wide_i,           // {= ctx.bus =}-bit layer: rows 2k and 2k+1 hold the halves of input channel k
 {% endif %}{% if ctx.has_sharing %}  input  logic                 hdr_load_i,       // hdr_swaps_i holds the next pass's activation swaps
@@ -35,8 +35,8 @@ module msq_array (
   // Partial sums of every row, row r at [r*{= ctx.cols * ctx.acc =} +: {= ctx.cols * ctx.acc =}].
   logic [{= ctx.rows * ctx.cols * ctx.acc - 1 =}:0] psum_q;
   // Tile-start pulse as each row sees it, and the valid flag of each row's activation register.
-  logic [{= ctx.rows - 1 =}:0] swap_row;
-  logic [{= ctx.rows - 1 =}:0] valid_row_q;
+{% if ctx.double_buffered %}  logic [{= ctx.rows - 1 =}:0] swap_row;
+{% endif %}  logic [{= ctx.rows - 1 =}:0] valid_row_q;
 
   logic [{= ctx.rows * ctx.a - 1 =}:0] act_routed;
 {% if ctx.has_sharing %}
@@ -63,8 +63,8 @@ module msq_array (
     logic signed [{= ctx.a - 1 =}:0] act_q;
 
     if (r == 0) begin : g_first
-      assign swap_row[0] = swap_i;
-      always_ff @(posedge clk_i or negedge rst_ni) begin
+{% if ctx.double_buffered %}      assign swap_row[0] = swap_i;
+{% endif %}      always_ff @(posedge clk_i or negedge rst_ni) begin
         if (!rst_ni) begin
           act_q          <= '0;
           valid_row_q[0] <= 1'b0;
@@ -77,9 +77,9 @@ module msq_array (
       // r delay registers in front of act_q give row r its r-cycle skew; the newest element
       // enters at the bottom.
       logic [r*{= ctx.a =}-1:0] delay_q;
-      logic swap_q;
+{% if ctx.double_buffered %}      logic swap_q;
       assign swap_row[r] = swap_q;
-      if (r == 1) begin : g_one
+{% endif %}      if (r == 1) begin : g_one
         always_ff @(posedge clk_i or negedge rst_ni) begin
           if (!rst_ni) delay_q <= '0;
           else         delay_q <= act_routed[r*{= ctx.a =} +: {= ctx.a =}];
@@ -93,12 +93,12 @@ module msq_array (
       always_ff @(posedge clk_i or negedge rst_ni) begin
         if (!rst_ni) begin
           act_q          <= '0;
-          swap_q         <= 1'b0;
-          valid_row_q[r] <= 1'b0;
+{% if ctx.double_buffered %}          swap_q         <= 1'b0;
+{% endif %}          valid_row_q[r] <= 1'b0;
         end else begin
           act_q          <= delay_q[r*{= ctx.a =}-1 -: {= ctx.a =}];
-          swap_q         <= swap_row[r-1];
-          valid_row_q[r] <= valid_row_q[r-1];
+{% if ctx.double_buffered %}          swap_q         <= swap_row[r-1];
+{% endif %}          valid_row_q[r] <= valid_row_q[r-1];
         end
       end
     end
@@ -153,7 +153,8 @@ module msq_array (
 {% endif %}
 {% if ctx.has_shift %}        .shift_i  (shift),
 {% endif %}{% if ctx.has_pairs %}        .hi_i     (hi),
-{% endif %}        .swap_i   (swap_row[r]),
+{% endif %}{% if ctx.double_buffered %}        .swap_i   (swap_row[r]),
+{% endif %}
         .act_i    (act_q),
 {% if ctx.has_shift %}        .shift_o  (active_shift),
 {% endif %}        .prod_o   (prod)
@@ -190,7 +191,7 @@ module msq_array (
     end
 {% if ctx.has_pairs %}
     if (r < {= ctx.recon_rows =}) begin : g_recon_row
-    // One ReCoN per micro-block, with double-buffered commands like the weights.
+{% if ctx.double_buffered %}    // One ReCoN per micro-block, with double-buffered commands like the weights.
     for (genvar j = 0; j < {= ctx.ubr =}; j++) begin : g_recon
       logic [{= ctx.cmd_bits - 1 =}:0] cmd_shadow_q, cmd_q;
       always_ff @(posedge clk_i or negedge rst_ni) begin
@@ -209,7 +210,20 @@ module msq_array (
           end
         end
       end
-{% if ctx.pipeline_stages >= 1 %}      // The products reach ReCoN one cycle late, so the commands follow them.
+{% else %}    // One ReCoN per micro-block, with single-buffered commands like the weights.
+    for (genvar j = 0; j < {= ctx.ubr =}; j++) begin : g_recon
+      logic [{= ctx.cmd_bits - 1 =}:0] cmd_q;
+      always_ff @(posedge clk_i or negedge rst_ni) begin
+        if (!rst_ni) begin
+          cmd_q <= '0;
+        end else if (row_sel_i[r] && row_load_i) begin
+          // A new row starts with every switch passing; its pair entries then set the commands.
+          cmd_q <= '0;
+        end else if (row_sel_i[r] && pair_load_i && ublock_sel_i[j]) begin
+          cmd_q <= pair_cmd_i;
+        end
+      end
+{% endif %}{% if ctx.pipeline_stages >= 1 %}      // The products reach ReCoN one cycle late, so the commands follow them.
       logic [{= ctx.cmd_bits - 1 =}:0] cmd_stage_q;
       always_ff @(posedge clk_i or negedge rst_ni) begin
         if (!rst_ni) cmd_stage_q <= '0;

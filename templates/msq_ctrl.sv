@@ -10,8 +10,11 @@
 // pass takes {% if ctx.has_sharing %}1 + {% endif %}{= ctx.rows =} + F cycles of reads{% if ctx.has_sharing %} ({= ctx.recon_rows =} rows instead of {= ctx.rows =} for a later pass of a tile){% endif %}{% if ctx.mp %} ({= ctx.rows / 2 =} rows
 // in a {= ctx.bus =}-bit layer){% endif %} plus one
 // cycle for the last word. The pass becomes ready the cycle after its last word.
-// Compute schedule: a ready tile starts when the previous one has issued all of its vectors;
-// the load of the next tile starts in the same cycle.
+// Compute schedule: a ready tile starts when the previous one has issued all of its vectors.
+{% if ctx.double_buffered %}// The load of the next tile starts in the same cycle, into the shadow registers.
+{% else %}// The weights are single-buffered, so the load of the next tile starts only after the last
+// vector has been issued; each row is written after that vector has passed it.
+{% endif %}
 module msq_ctrl (
   input  logic                 clk_i,          // clock
   input  logic                 rst_ni,         // asynchronous reset, active low
@@ -35,13 +38,14 @@ module msq_ctrl (
   output logic [{= ctx.ubr - 1 =}:0]   ublock_sel_o,   // one-hot micro-block that the pair entry belongs to
   output logic [{= ctx.cols * ctx.bus - 1 =}:0]   buf_slots_o,    // slots of the row whose pair entries arrive
 {% if ctx.has_micro %}  output logic [{= ctx.ubr * ctx.u - 1 =}:0]   buf_micro_o,    // micro-exponents of that row
-{% endif %}{% endif %}  output logic                 swap_o,         // the activation word read now starts a new tile
-  output logic                 act_valid_o,    // the activation word read in the previous cycle is valid
+{% endif %}{% endif %}{% if ctx.array_swap %}  output logic                 swap_o,         // the activation word read now starts a new tile
+{% endif %}  output logic                 act_valid_o,    // the activation word read in the previous cycle is valid
   input  logic                 out_valid_i,    // the array emits one vector's column sums
   output logic                 done_o          // every output of the layer has been emitted
 );
 
   logic busy_q;
+  logic [{= ctx.aw - 1 =}:0] vectors_left_q;  // vectors of the current pass still to issue
 
   // ------------------------------------------------------------------ load engine
   logic load_active_q;                // a tile is being read into the shadow registers
@@ -103,7 +107,10 @@ module msq_ctrl (
   assign last_word = row_pending_q && !issue_row;
 {% endif %}
 {% endif %}
-  assign load_start = busy_q && !load_active_q && (!full_q || swap) && load_tiles_q != tiles_i;
+{% if ctx.double_buffered %}  assign load_start = busy_q && !load_active_q && (!full_q || swap) && load_tiles_q != tiles_i;
+{% else %}  // Single buffer: a load starts only once the previous pass has issued all of its vectors.
+  assign load_start = busy_q && !load_active_q && !full_q && vectors_left_q == '0 && load_tiles_q != tiles_i;
+{% endif %}
 
   always_ff @(posedge clk_i or negedge rst_ni) begin
     if (!rst_ni) begin
@@ -204,13 +211,13 @@ module msq_ctrl (
   // Without outlier pairs only the slots and micro-exponents of a row word reach the decode.
 {% endif %}
   // --------------------------------------------------------------- compute engine
-  logic [{= ctx.aw - 1 =}:0] vectors_left_q;  // vectors of the current pass still to issue
   logic [{= ctx.aw - 1 =}:0] act_addr_q;      // next activation word after the swap cycle
   logic [{= ctx.aw - 1 =}:0] act_base_q;      // first activation word of the current pass
   logic [{= ctx.aw - 1 =}:0] k_tile_q;        // row tile of the current pass
   logic first_q;                      // no pass has started since start_i
   logic act_issue;
-  logic swap_q, act_valid_q;
+{% if ctx.array_swap %}  logic swap_q;
+{% endif %}  logic act_valid_q;
   logic [{= ctx.aw - 1 =}:0] next_base, next_k_tile;
 
   assign swap      = busy_q && full_q && vectors_left_q == '0;
@@ -241,18 +248,19 @@ module msq_ctrl (
       act_base_q     <= '0;
       k_tile_q       <= '0;
       first_q        <= 1'b1;
-      swap_q         <= 1'b0;
-      act_valid_q    <= 1'b0;
+{% if ctx.array_swap %}      swap_q         <= 1'b0;
+{% endif %}      act_valid_q    <= 1'b0;
     end else if (start_i) begin
       vectors_left_q <= '0;
       act_addr_q     <= '0;
       act_base_q     <= '0;
       k_tile_q       <= '0;
       first_q        <= 1'b1;
-      swap_q         <= 1'b0;
-      act_valid_q    <= 1'b0;
+{% if ctx.array_swap %}      swap_q         <= 1'b0;
+{% endif %}      act_valid_q    <= 1'b0;
     end else begin
-      swap_q      <= swap;
+{% if ctx.array_swap %}      swap_q      <= swap;
+{% endif %}
       act_valid_q <= act_issue;
       if (swap) begin
         vectors_left_q <= vectors_i - 1'b1;
@@ -269,7 +277,8 @@ module msq_ctrl (
 
   // The first vector of a pass is read in its swap cycle.
   assign act_addr_o  = swap ? next_base : act_addr_q;
-  assign swap_o      = swap_q;
+{% if ctx.array_swap %}  assign swap_o      = swap_q;
+{% endif %}
   assign act_valid_o = act_valid_q;
 
   // ------------------------------------------------------------------- output count

@@ -26,7 +26,8 @@ module msq_top (
   output logic                 done_o        // every output of the layer has been emitted
 );
 
-  logic swap, act_valid, row_load;
+{% if ctx.array_swap %}  logic swap;
+{% endif %}  logic act_valid, row_load;
 {% if ctx.has_sharing %}  logic hdr_load;
 {% endif %}
   logic [{= ctx.rows - 1 =}:0] row_sel;
@@ -80,7 +81,8 @@ module msq_top (
     .ublock_sel_o (ublock_sel),
     .buf_slots_o  (buf_slots),
 {% if ctx.has_micro %}    .buf_micro_o  (buf_micro),
-{% endif %}{% endif %}    .swap_o       (swap),
+{% endif %}{% endif %}{% if ctx.array_swap %}    .swap_o       (swap),
+{% endif %}
     .act_valid_o  (act_valid),
     .out_valid_i  (out_valid_o),
     .done_o       (done_o)
@@ -111,7 +113,8 @@ module msq_top (
   msq_array u_array (
     .clk_i           (clk_i),
     .rst_ni          (rst_ni),
-    .swap_i          (swap),
+{% if ctx.array_swap %}    .swap_i          (swap),
+{% endif %}
     .act_valid_i     (act_valid),
     .act_i           (act_i),
 {% if ctx.mp %}    .wide_i          (wide_q),

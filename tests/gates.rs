@@ -72,6 +72,29 @@ fn yosys_synthesizes_multi_precision_cleanly() {
 }
 
 #[test]
+fn yosys_synthesizes_array_options_cleanly() {
+    // (rows, cols, pipeline stages, weight buffer depth, recon rows)
+    for (rows, cols, stages, depth, recon_rows) in [(1, 2, 2, 1, 1), (8, 8, 2, 1, 2), (8, 8, 1, 2, 8)] {
+        let mut c = Config::default_config();
+        c.array.rows = rows;
+        c.array.cols = cols;
+        c.array.recon_rows = Some(recon_rows);
+        c.array.pipeline_stages = stages;
+        c.array.weight_buffer_depth = depth;
+        c.format.ublock = cols.min(8);
+        c.format.max_pairs = cols.min(8) / 2;
+        c.format.mab_rows = None;
+        let label = format!("{rows}x{cols}, {stages} stages, buffer depth {depth}, {recon_rows} ReCoN rows");
+        let r = c.resolve().unwrap_or_else(|e| panic!("{label}: {e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let files = generator::generate_rtl(&r);
+        generator::write_files(dir.path(), &files).unwrap();
+        let report = synthesis::check(dir.path(), &files).unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert!(report.cells > 0, "{label}: no cells after synthesis");
+    }
+}
+
+#[test]
 fn icarus_matches_golden_multi_precision() {
     let array = resolve_multi_precision(MULTI_PRECISION[0]);
     for weight_bits in [2, 4] {
