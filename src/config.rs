@@ -31,33 +31,21 @@ pub struct ArrayConfig {
     /// Multi-precision PEs: each pair of adjacent PE rows forms one PE that runs either two
     /// b-bit lanes (two input channels, W`b` images) or one 2b-bit weight split into a low
     /// and a high lane (W`2b` images). The image of each layer selects the mode.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub multi_precision: bool,
     /// Pipeline registers in each PE row: 0; 1 adds a register after the multiplier; 2 also
     /// adds one after ReCoN, before the column shift and addition. Each adds a cycle of latency.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default)]
     pub pipeline_stages: u32,
     /// Weight copies per PE (and ReCoN command copies per micro-block): 2 loads the next tile
     /// while the current one computes; 1 halves those registers, and a tile then loads only
     /// after the previous one has issued its vectors.
-    #[serde(default = "default_weight_buffer_depth", skip_serializing_if = "is_default_weight_buffer_depth")]
+    #[serde(default = "default_weight_buffer_depth")]
     pub weight_buffer_depth: u32,
 }
 
 fn default_weight_buffer_depth() -> u32 {
     2
-}
-
-fn is_default_weight_buffer_depth(value: &u32) -> bool {
-    *value == default_weight_buffer_depth()
-}
-
-fn is_zero(value: &u32) -> bool {
-    *value == 0
-}
-
-fn is_false(value: &bool) -> bool {
-    !*value
 }
 
 fn default_address_bits() -> u32 {
@@ -531,8 +519,8 @@ impl Resolved {
     /// datapath so that both kinds of layer fit.
     ///
     /// In a 2b-bit layer, PE rows 2k and 2k+1 hold the low and high b-bit halves of input
-    /// channel k's weights: the low half as an unsigned value 0..2^b - 1, the high half as a
-    /// signed value whose column shift is b larger. Both rows see activation k.
+    /// channel k's weights. The low half is unsigned (0..2^b - 1). The high half is signed,
+    /// and its column shift is b larger. Both rows see activation k.
     fn add_wide_layers(&mut self) -> Result<(), ConfigError> {
         let rows = self.config.array.rows;
         if rows % 2 != 0 {
@@ -564,8 +552,8 @@ impl Resolved {
             ))
         })?;
 
-        // Lane values of a 2b-bit layer: the low half is at most 2^b - 1, the high half at
-        // least -2^(b-1); an outlier's upper half is pre-shifted by the wide lo_bits.
+        // In a 2b-bit layer a low half is at most 2^b - 1 and a high half at least -2^(b-1).
+        // An outlier's upper half is also pre-shifted by the wide lo_bits.
         let act_mag: u128 = 1u128 << (self.a - 1);
         let half_max = (1u128 << self.b) - 1;
         let mut pe_bound = half_max * act_mag;

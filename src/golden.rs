@@ -274,9 +274,11 @@ pub fn predict_on_array(r: &Resolved, image: &Image, array_rows: usize) -> Predi
     Prediction { outputs, cycles, flagged_per_tile, k_tile_of_pass }
 }
 
-/// Idle load cycles of a 2b-bit tile on a multi-precision array: every row word but the last
-/// is followed by a cycle without a row read, which its pair reads fill when it has any,
-/// because the word's odd PE row switches tiles one cycle after its even row.
+/// Counts the idle load cycles of a 2b-bit tile on a multi-precision array.
+///
+/// A row word's odd PE row switches tiles one cycle after its even row, so every row word but
+/// the last is followed by a cycle without a row read. Its pair reads fill that cycle when it
+/// has any.
 fn wide_row_gaps(r: &Resolved, rows: &[BitWord]) -> u64 {
     let Some((_, earlier)) = rows.split_last() else {
         return 0;
