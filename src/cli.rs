@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Overrides, Resolved};
 use crate::flow::{self, RunOptions};
-use crate::formats::Rounding;
+use crate::formats::{FpKind, Rounding};
 use crate::generator;
 use crate::golden;
 use crate::image;
@@ -115,6 +115,31 @@ pub struct ConfigArgs {
     /// Weight copies per PE: 2 (double buffer, default) or 1 (loads wait for compute).
     #[arg(long)]
     pub weight_buffer_depth: Option<u32>,
+    /// Outlier element format; it must have 2b bits (default: e2m1 for b = 2, e4m3 for b = 4).
+    #[arg(long, value_enum)]
+    pub outlier_format: Option<OutlierFormatArg>,
+}
+
+/// Outlier element formats on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OutlierFormatArg {
+    E2m1,
+    E3m2,
+    E2m3,
+    E4m3,
+    E5m2,
+}
+
+impl OutlierFormatArg {
+    fn kind(self) -> FpKind {
+        match self {
+            OutlierFormatArg::E2m1 => FpKind::E2M1,
+            OutlierFormatArg::E3m2 => FpKind::E3M2,
+            OutlierFormatArg::E2m3 => FpKind::E2M3,
+            OutlierFormatArg::E4m3 => FpKind::E4M3,
+            OutlierFormatArg::E5m2 => FpKind::E5M2,
+        }
+    }
 }
 
 /// Rounding rule names on the command line.
@@ -147,6 +172,7 @@ impl ConfigArgs {
             multi_precision: self.multi_precision.then_some(true),
             pipeline_stages: self.pipeline_stages,
             weight_buffer_depth: self.weight_buffer_depth,
+            outlier_format: self.outlier_format.map(OutlierFormatArg::kind),
         });
         config.resolve().map_err(|e| e.to_string())
     }

@@ -125,6 +125,7 @@ pub struct Overrides {
     pub multi_precision: Option<bool>,
     pub pipeline_stages: Option<u32>,
     pub weight_buffer_depth: Option<u32>,
+    pub outlier_format: Option<FpKind>,
 }
 
 /// An invalid configuration: names the parameter, the value and the legal range.
@@ -188,6 +189,9 @@ impl Config {
                 self.format.outlier_format = None;
             }
             self.format.weight_bits = v;
+        }
+        if let Some(v) = o.outlier_format {
+            self.format.outlier_format = Some(v);
         }
         if let Some(v) = o.act_bits {
             self.format.act_bits = v;

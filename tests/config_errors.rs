@@ -119,3 +119,31 @@ fn generate_writes_rtl_files() {
     assert!(output.status.success(), "generate 2x4 failed: {}", String::from_utf8_lossy(&output.stderr));
     assert!(out.join("msq_top.sv").is_file(), "generate 2x4 wrote no msq_top.sv");
 }
+
+#[test]
+fn generate_rejects_invalid_array_options() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["generate", "--pipeline-stages", "3"], &["pipeline_stages = 3", "0..=2"]),
+        (&["generate", "--weight-buffer-depth", "0"], &["weight_buffer_depth = 0", "1..=2"]),
+        (&["generate", "--multi-precision", "--rows", "3"], &["rows = 3", "even"]),
+        (&["generate", "--multi-precision", "--recon-rows", "4"], &["recon_rows = 4", "multi_precision"]),
+        (&["generate", "--outlier-format", "e3m2"], &["outlier_format = e3m2", "weight_bits = 2"]),
+    ];
+    for (args, names) in cases {
+        assert_rejected(args, names);
+    }
+}
+
+#[test]
+fn generate_writes_multi_precision_rtl() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let out = dir.path().join("rtl");
+    let args = ["generate", "--rows", "2", "--cols", "4", "--ublock", "4", "--multi-precision", "--pipeline-stages", "2", "--out"];
+    let mut full: Vec<&str> = args.to_vec();
+    full.push(out.to_str().unwrap());
+    let output = run_binary(dir.path(), &full);
+    assert!(output.status.success(), "generate multi-precision 2x4 failed: {}", String::from_utf8_lossy(&output.stderr));
+    for name in ["msq_decode_mp.sv", "msq_decode_narrow.sv", "msq_decode_wide.sv", "msq_top.sv"] {
+        assert!(out.join(name).is_file(), "generate multi-precision 2x4 wrote no {name}");
+    }
+}
