@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::config::{Config, Overrides, Resolved};
+use crate::config::{Config, OutlierScope, Overrides, Resolved};
 use crate::flow::{self, RunOptions};
 use crate::formats::Rounding;
 use crate::generator;
@@ -100,6 +100,10 @@ pub struct ConfigArgs {
     /// Outlier threshold in standard deviations.
     #[arg(long)]
     pub k_sigma: Option<f64>,
+    /// Values over which the outlier mean and standard deviation are taken: all output
+    /// channels of one input channel, one macro-block (R x M) or one micro-block (M).
+    #[arg(long, value_enum)]
+    pub outlier_scope: Option<OutlierScopeArg>,
     /// Rounding rule of every encoder.
     #[arg(long, value_enum)]
     pub rounding: Option<RoundingArg>,
@@ -115,9 +119,32 @@ pub enum RoundingArg {
     NearestAway,
 }
 
+/// Outlier scope names on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OutlierScopeArg {
+    Column,
+    MacroBlock,
+    MicroBlock,
+}
+
+impl From<OutlierScopeArg> for OutlierScope {
+    fn from(arg: OutlierScopeArg) -> OutlierScope {
+        match arg {
+            OutlierScopeArg::Column => OutlierScope::Column,
+            OutlierScopeArg::MacroBlock => OutlierScope::MacroBlock,
+            OutlierScopeArg::MicroBlock => OutlierScope::MicroBlock,
+        }
+    }
+}
+
 impl ConfigArgs {
     /// Reads, overrides and validates the configuration.
     pub fn resolve(&self) -> Result<Resolved, String> {
+        self.config()?.resolve().map_err(|e| e.to_string())
+    }
+
+    /// Reads the configuration and applies the overrides, without validating the result.
+    pub fn config(&self) -> Result<Config, String> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
             None => Config::default_config(),
@@ -130,13 +157,14 @@ impl ConfigArgs {
             ublock: self.ublock,
             max_pairs: self.max_pairs,
             k_sigma: self.k_sigma,
+            outlier_scope: self.outlier_scope.map(OutlierScope::from),
             rounding: self.rounding.map(|r| match r {
                 RoundingArg::NearestEven => Rounding::NearestEven,
                 RoundingArg::NearestAway => Rounding::NearestAway,
             }),
             recon_rows: self.recon_rows,
         });
-        config.resolve().map_err(|e| e.to_string())
+        Ok(config)
     }
 }
 
@@ -299,6 +327,9 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// Configuration of the MX-INT and MicroScopiQ methods; --bits sets the inlier bits.
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Model to evaluate: glassllm (perplexity), minilm (embedding cosine to FP32) or all.
     #[arg(long, value_enum, default_value = "all")]
     pub model: EvalModelArg,
@@ -858,10 +889,14 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
         EvalModelArg::Minilm => vec![EvalModel::MiniLm],
         EvalModelArg::All => vec![EvalModel::GlassLlm, EvalModel::MiniLm],
     };
+    if let Some(bits) = args.config.weight_bits {
+        return Err(format!("invalid --weight-bits {bits} for eval: set the inlier bit widths with --bits"));
+    }
     let options = eval::EvalOptions {
         bits: args.bits.clone(),
         windows: args.windows,
         sentences: args.sentences,
+        config: args.config.config()?,
         ..eval::EvalOptions::default()
     };
     let progress = if args.json {
