@@ -327,7 +327,7 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Configuration of the MX-INT and MicroScopiQ methods; --bits sets the inlier bits.
+    /// Configuration of the MX-INT and MicroScopiQ methods, whose inlier bits --bits sets.
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Model to evaluate: glassllm (perplexity), minilm (embedding cosine to FP32) or all.
