@@ -351,6 +351,21 @@ pub struct EvalArgs {
     /// Print one JSON object per row instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Sweep the outlier rule instead of comparing methods: MicroScopiQ without GPTQ for
+    /// every scope of --scopes with every threshold of --k-sigmas and without outliers, then
+    /// the best rules with GPTQ.
+    #[arg(long, conflicts_with_all = ["k_sigma", "outlier_scope"])]
+    pub sweep_outliers: bool,
+    /// Outlier thresholds of --sweep-outliers, in standard deviations.
+    #[arg(long, value_delimiter = ',', default_value = "1.5,2,2.5,3,3.5,4", requires = "sweep_outliers")]
+    pub k_sigmas: Vec<f64>,
+    /// Outlier scopes of --sweep-outliers.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "column,macro-block,micro-block", requires = "sweep_outliers")]
+    pub scopes: Vec<OutlierScopeArg>,
+    /// Rules per model and bit width that --sweep-outliers reruns with GPTQ, besides the
+    /// configured rule and the rule without outliers.
+    #[arg(long, value_name = "N", default_value_t = crate::sweep::DEFAULT_GPTQ_CANDIDATES, requires = "sweep_outliers")]
+    pub gptq_candidates: usize,
 }
 
 /// Model choices of `eval`.
@@ -904,6 +919,9 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
     } else {
         indicatif::MultiProgress::new()
     };
+    if args.sweep_outliers {
+        return sweep_outliers(&args, models, options, &progress);
+    }
     let mut rows = Vec::new();
     for model in models {
         rows.extend(eval::evaluate(model, &options, &progress)?);
@@ -921,6 +939,42 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
         print!("{}", eval::to_json_lines(&rows));
     } else {
         print!("{}", eval::format_table(&rows));
+    }
+    Ok(0)
+}
+
+/// Runs `eval --sweep-outliers` with the models and evaluation options of `eval`.
+fn sweep_outliers(
+    args: &EvalArgs,
+    models: Vec<crate::eval::EvalModel>,
+    options: crate::eval::EvalOptions,
+    progress: &indicatif::MultiProgress,
+) -> Result<i32, String> {
+    use crate::sweep;
+
+    let options = sweep::SweepOptions {
+        models,
+        bits: options.bits,
+        scopes: args.scopes.iter().map(|&scope| OutlierScope::from(scope)).collect(),
+        k_sigmas: args.k_sigmas.clone(),
+        gptq_candidates: args.gptq_candidates,
+        windows: options.windows,
+        sentences: options.sentences,
+        config: options.config,
+    };
+    let rows = sweep::sweep(&options, progress)?;
+    if let Some(path) = &args.csv {
+        image::write_atomically(path, sweep::to_csv(&rows).as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let svg = sweep::plot_svg(&rows)?;
+        image::write_atomically(path, svg.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if args.json {
+        print!("{}", sweep::to_json_lines(&rows));
+    } else {
+        print!("{}", sweep::format_table(&rows));
     }
     Ok(0)
 }

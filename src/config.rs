@@ -112,7 +112,7 @@ pub struct Overrides {
 pub struct ConfigError(pub String);
 
 impl OutlierScope {
-    /// Every scope, from the widest to the narrowest.
+    /// Every scope: column, macro-block, micro-block.
     pub const ALL: [OutlierScope; 3] = [OutlierScope::Column, OutlierScope::MacroBlock, OutlierScope::MicroBlock];
 
     /// Name in the configuration file, tables and CSV.

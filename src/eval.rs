@@ -292,7 +292,7 @@ impl LayerQuantizer {
 }
 
 /// Returns the dequantized weights of `layer` and the bits of its packed image.
-fn packed_weight(weight: &Matrix, layer: &quantizer::QuantizedLayer, r: &Resolved, fell_back_to_rtn: bool) -> QuantizedWeight {
+pub(crate) fn packed_weight(weight: &Matrix, layer: &quantizer::QuantizedLayer, r: &Resolved, fell_back_to_rtn: bool) -> QuantizedWeight {
     let packed = image::build(layer, r, &[]);
     let storage_bits = image::weight_image_bits(layer, r, &packed);
     // Every dequantized value is an integer or minifloat times a power of two inside the f32
@@ -437,7 +437,7 @@ pub fn evaluate(model: EvalModel, options: &EvalOptions, progress: &MultiProgres
 }
 
 /// The operations on a model's linear layers that the evaluation needs.
-trait LinearModel: Clone + Sync {
+pub(crate) trait LinearModel: Clone + Sync {
     /// Names, `[out, in]` shapes, in execution order.
     fn layers(&self) -> Vec<(String, usize, usize)>;
     fn weight(&self, name: &str) -> Matrix;
@@ -575,7 +575,7 @@ fn quantize_model<M: LinearModel>(
 }
 
 /// Applies `f` to every item on all available threads and returns the results in item order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
     let next = AtomicUsize::new(0);
     let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
@@ -626,7 +626,7 @@ fn layer_bar(progress: &MultiProgress, model: EvalModel, jobs: usize, layers: us
 }
 
 /// Progress bar over windows or sentences, reset for every method.
-fn sample_bar(progress: &MultiProgress, unit: &str, count: usize) -> ProgressBar {
+pub(crate) fn sample_bar(progress: &MultiProgress, unit: &str, count: usize) -> ProgressBar {
     let bar = progress.add(ProgressBar::new(count as u64));
     bar.set_style(
         ProgressStyle::with_template(&format!("{{prefix:>9}} {unit:<7} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"))
@@ -746,12 +746,12 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
     Ok(rows)
 }
 
-fn shakespeare_path(file: &str) -> PathBuf {
+pub(crate) fn shakespeare_path(file: &str) -> PathBuf {
     weights::models_dir().join("shakespeare").join(file)
 }
 
 /// Returns an error naming the fix when one of `paths` is missing.
-fn require_files(paths: &[PathBuf]) -> Result<(), String> {
+pub(crate) fn require_files(paths: &[PathBuf]) -> Result<(), String> {
     match paths.iter().find(|path| !path.is_file()) {
         None => Ok(()),
         Some(path) => Err(format!(
@@ -763,17 +763,17 @@ fn require_files(paths: &[PathBuf]) -> Result<(), String> {
 }
 
 /// The glassllm evaluation windows.
-struct Windows {
+pub(crate) struct Windows {
     /// Token ids of each text part.
     parts: Vec<Vec<u32>>,
     /// (part, window inside the part), in evaluation order.
     windows: Vec<(usize, usize)>,
-    description: String,
+    pub(crate) description: String,
 }
 
 impl Windows {
     /// Tokenizes [`GLASSLLM_TEXTS`] and keeps the first `limit` windows (all when `None`).
-    fn load(model: &GlassLlm, tokenizer: &BpeTokenizer, limit: Option<usize>) -> Result<Windows, String> {
+    pub(crate) fn load(model: &GlassLlm, tokenizer: &BpeTokenizer, limit: Option<usize>) -> Result<Windows, String> {
         let mut parts = Vec::new();
         let mut windows = Vec::new();
         let mut descriptions = Vec::new();
@@ -813,7 +813,7 @@ impl Windows {
     }
 
     /// Returns the mean cross-entropy of each window, in nats per token.
-    fn losses(&self, model: &GlassLlm, bar: &ProgressBar) -> Vec<f64> {
+    pub(crate) fn losses(&self, model: &GlassLlm, bar: &ProgressBar) -> Vec<f64> {
         bar.reset();
         bar.set_length(self.windows.len() as u64);
         parallel_map(&self.windows, |&(part, window)| {
@@ -825,7 +825,7 @@ impl Windows {
 }
 
 /// Builds the perplexity metric of `losses`, paired with FP32's `reference` losses.
-fn perplexity_metric(losses: &[f64], reference: &[f64], text: &str) -> Metric {
+pub(crate) fn perplexity_metric(losses: &[f64], reference: &[f64], text: &str) -> Metric {
     let (mean, se) = mean_and_se(losses);
     let differences: Vec<f64> = losses.iter().zip(reference).map(|(l, r)| l - r).collect();
     let (delta, delta_se) = mean_and_se(&differences);
@@ -959,7 +959,7 @@ fn layer_hessians(accumulated: &LayerHessians) -> Result<HashMap<String, Hessian
 
 /// Accumulates glassllm's layer Hessians on [`CALIBRATION_WINDOWS`] windows of the
 /// calibration text.
-fn calibrate_glassllm(model: &GlassLlm, tokenizer: &BpeTokenizer) -> Result<Calibration, String> {
+pub(crate) fn calibrate_glassllm(model: &GlassLlm, tokenizer: &BpeTokenizer) -> Result<Calibration, String> {
     check_calibration_slices()?;
     let dir = weights::models_dir().join("shakespeare");
     let windows = hessian::calibration_windows(&dir, tokenizer, model.config.max_len, CALIBRATION_WINDOWS)
@@ -1007,7 +1007,7 @@ pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibra
 }
 
 /// Embeds every sentence with `model`.
-fn embed_all(model: &MiniLm, sentences: &[Vec<u32>], bar: &ProgressBar) -> Vec<Vec<f32>> {
+pub(crate) fn embed_all(model: &MiniLm, sentences: &[Vec<u32>], bar: &ProgressBar) -> Vec<Vec<f32>> {
     bar.reset();
     bar.set_length(sentences.len() as u64);
     parallel_map(sentences, |ids| {
@@ -1018,7 +1018,7 @@ fn embed_all(model: &MiniLm, sentences: &[Vec<u32>], bar: &ProgressBar) -> Vec<V
 }
 
 /// Builds the cosine metric of `embeddings` against FP32's `reference`.
-fn cosine_metric(embeddings: &[Vec<f32>], reference: &[Vec<f32>], text: &str) -> Metric {
+pub(crate) fn cosine_metric(embeddings: &[Vec<f32>], reference: &[Vec<f32>], text: &str) -> Metric {
     let cosines: Vec<f64> = embeddings.iter().zip(reference).map(|(a, b)| cosine(a, b)).collect();
     let (mean, se) = mean_and_se(&cosines);
     Metric::Cosine { cosine: Some(mean), cosine_se: se, sentences: cosines.len(), text: text.to_string() }
@@ -1217,7 +1217,7 @@ pub const CSV_COLUMNS: [&str; 20] = [
 ];
 
 /// Quotes a CSV field when it contains a comma, a quote or a line break (RFC 4180).
-fn csv_field(value: &str) -> String {
+pub(crate) fn csv_field(value: &str) -> String {
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
