@@ -56,7 +56,7 @@ impl Rule {
         }
     }
 
-    /// The threshold, or `None` without outliers.
+    /// Returns the threshold, or `None` without outliers.
     pub fn k_sigma(self) -> Option<f64> {
         match self {
             Rule::NoOutliers => None,
@@ -123,7 +123,7 @@ impl SweepOptions {
         rules
     }
 
-    /// The rule of [`SweepOptions::config`].
+    /// Returns the rule of [`SweepOptions::config`].
     pub fn default_rule(&self) -> Rule {
         let quantizer = &self.config.quantizer;
         Rule::Sigma { scope: quantizer.outlier_scope, k_sigma: quantizer.k_sigma }
@@ -180,7 +180,7 @@ pub struct SweepRow {
 }
 
 impl SweepRow {
-    /// The model metric as one number: perplexity or cosine, `None` without a score.
+    /// Returns the model metric as one number: perplexity or cosine, `None` without a score.
     pub fn score(&self) -> Option<f64> {
         match self.metric {
             Metric::Perplexity { perplexity, .. } => perplexity,
@@ -294,11 +294,11 @@ struct Bench<'a, M, F> {
     calibration: &'a str,
     /// tr(W H W^T) of each layer's FP32 weights.
     reference: HashMap<String, f64>,
-    /// Scores a model whose linear layers hold quantized weights.
+    /// Scores a model whose linear layers contain quantized weights.
     score: F,
     /// Metrics by a hash of every dequantized weight, so that rules with identical weights
     /// (such as micro-block rules that flag nothing) are scored once. A 64-bit FNV-1a
-    /// collision would reuse a wrong metric; its chance is negligible for a few hundred rules.
+    /// collision would reuse a wrong metric, but its chance is negligible for a few hundred rules.
     scored: HashMap<u64, Metric>,
 }
 
@@ -432,14 +432,9 @@ pub fn gptq_candidates(rows: &[(Rule, SweepRow)], default_rule: Rule, count: usi
     if rows.iter().any(|(rule, _)| *rule == default_rule) {
         rules.push(default_rule);
     }
-    for (rule, _) in front {
-        if rules.len() >= count + 2 {
-            break;
-        }
-        if !rules.contains(rule) {
-            rules.push(*rule);
-        }
-    }
+    let best = front.iter().map(|(rule, _)| *rule).filter(|rule| !rules.contains(rule)).take(count);
+    let best: Vec<Rule> = best.collect();
+    rules.extend(best);
     rules
 }
 
@@ -861,4 +856,174 @@ pub fn plot_svg(rows: &[SweepRow]) -> Result<String, String> {
         root.present().map_err(|e| failed(&e))?;
     }
     Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved(scope: OutlierScope, k_sigma: f64) -> Resolved {
+        Rule::Sigma { scope, k_sigma }.resolve(&Config::default_config(), 2).expect("default resolves")
+    }
+
+    /// A 16 x 16 `[out, in]` matrix of small values with one large value per input channel.
+    fn matrix_with_spikes() -> Matrix {
+        let mut data: Vec<f32> = (0..256).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
+        for k in 0..16 {
+            data[(k % 16) * 16 + k] = 5.0;
+        }
+        Matrix::new("spikes", 16, 16, data)
+    }
+
+    #[test]
+    fn count_flagged_finds_spikes() {
+        let weights = matrix_with_spikes();
+        let (flagged, capped) = count_flagged(&weights, &resolved(OutlierScope::Column, 3.0));
+        assert_eq!(flagged, 16, "one spike per input channel");
+        assert_eq!(capped, 16);
+    }
+
+    #[test]
+    fn count_flagged_caps_at_max_pairs() {
+        // Six large values in one micro-block of channel 0 are outliers of the column.
+        let mut data = vec![0.01f32; 64 * 16];
+        for n in 0..6 {
+            data[n * 16] = 4.0;
+        }
+        let weights = Matrix::new("crowded", 64, 16, data);
+        let (flagged, capped) = count_flagged(&weights, &resolved(OutlierScope::Column, 1.5));
+        assert_eq!(flagged, 6);
+        assert_eq!(capped, 4, "max_pairs = 4");
+    }
+
+    #[test]
+    fn count_flagged_matches_quantizer() {
+        let weights = matrix_with_spikes();
+        for scope in OutlierScope::ALL {
+            for k_sigma in [1.0, 2.0, 3.0] {
+                let r = resolved(scope, k_sigma);
+                let stats = quantizer::quantize(&weights, &r).stats;
+                let (_, capped) = count_flagged(&weights, &r);
+                assert_eq!(capped, stats.outliers + stats.demoted, "{scope:?}, k_sigma {k_sigma}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_outlier_rule_has_no_pairs() {
+        let r = Rule::NoOutliers.resolve(&Config::default_config(), 4).expect("b = 4 resolves");
+        assert_eq!(r.max_pairs, 0);
+        assert_eq!(count_flagged(&matrix_with_spikes(), &r), (0, 0));
+    }
+
+    #[test]
+    fn rule_sets_scope_and_threshold() {
+        let r = resolved(OutlierScope::MacroBlock, 2.5);
+        assert_eq!(r.scope, OutlierScope::MacroBlock);
+        assert_eq!(r.k_sigma, 2.5);
+        assert_eq!(r.b, 2);
+    }
+
+    #[test]
+    fn hessian_norm_matches_sum() {
+        let hessian = Hessian::new(3, vec![2.0, 0.5, 0.0, 0.5, 1.0, 0.25, 0.0, 0.25, 3.0]);
+        let a = [1.0, -2.0, 0.5, 0.0, 1.0, 1.0];
+        let mut expected = 0.0;
+        for row in a.chunks(3) {
+            for i in 0..3 {
+                for j in 0..3 {
+                    expected += row[i] * hessian.get(i, j) * row[j];
+                }
+            }
+        }
+        let norm = hessian_norm_squared(&a, 2, &hessian);
+        assert!((norm - expected).abs() < 1e-12, "{norm} against {expected}");
+    }
+
+    fn row(model: EvalModel, ebw: f64, score: f64) -> SweepRow {
+        let metric = match model {
+            EvalModel::GlassLlm => Metric::Perplexity {
+                perplexity: Some(score),
+                perplexity_se: None,
+                cross_entropy: None,
+                cross_entropy_se: None,
+                delta_cross_entropy: None,
+                delta_cross_entropy_se: None,
+                windows: 1,
+                text: String::new(),
+            },
+            EvalModel::MiniLm => Metric::Cosine { cosine: Some(score), cosine_se: None, sentences: 1, text: String::new() },
+        };
+        SweepRow {
+            model,
+            bits: 2,
+            gptq: false,
+            scope: "column",
+            k_sigma: Some(3.0),
+            weights: 100,
+            flagged: 0,
+            outliers: 0,
+            demoted: 0,
+            ebw,
+            worst_layer_error: 0.0,
+            worst_layer: String::new(),
+            mean_layer_error: 0.0,
+            metric,
+            gptq_fallback_layers: None,
+            calibration: String::new(),
+        }
+    }
+
+    #[test]
+    fn candidates_come_from_pareto_front() {
+        let column = |k_sigma| Rule::Sigma { scope: OutlierScope::Column, k_sigma };
+        // Perplexity: 2.0 is best, 2.5 is beaten by 3.0 at a lower EBW, 3.5 is the default.
+        let rows = vec![
+            (Rule::NoOutliers, row(EvalModel::GlassLlm, 2.3, 150.0)),
+            (column(2.0), row(EvalModel::GlassLlm, 3.0, 140.0)),
+            (column(2.5), row(EvalModel::GlassLlm, 2.9, 149.0)),
+            (column(3.0), row(EvalModel::GlassLlm, 2.6, 145.0)),
+            (column(3.5), row(EvalModel::GlassLlm, 2.5, 151.0)),
+        ];
+        let picked = gptq_candidates(&rows, column(3.5), 2);
+        assert_eq!(picked, [Rule::NoOutliers, column(3.5), column(2.0), column(3.0)]);
+        let one = gptq_candidates(&rows, column(3.5), 1);
+        assert_eq!(one, [Rule::NoOutliers, column(3.5), column(2.0)]);
+    }
+
+    #[test]
+    fn cosine_candidates_prefer_higher() {
+        let column = |k_sigma| Rule::Sigma { scope: OutlierScope::Column, k_sigma };
+        let rows = vec![
+            (Rule::NoOutliers, row(EvalModel::MiniLm, 2.3, 0.6)),
+            (column(2.0), row(EvalModel::MiniLm, 3.0, 0.7)),
+            (column(3.0), row(EvalModel::MiniLm, 2.6, 0.65)),
+        ];
+        let picked = gptq_candidates(&rows, column(4.0), 1);
+        assert_eq!(picked, [Rule::NoOutliers, column(2.0)], "the default rule is not in the rows");
+    }
+
+    #[test]
+    fn csv_has_one_field_per_column() {
+        let rows = [row(EvalModel::GlassLlm, 2.5, 140.0), row(EvalModel::MiniLm, 2.5, 0.7)];
+        let csv = to_csv(&rows);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 3);
+        for line in lines {
+            assert_eq!(line.split(',').count(), CSV_COLUMNS.len(), "{line}");
+        }
+    }
+
+    #[test]
+    fn plot_has_panel_per_model_and_width() {
+        let mut rows = vec![row(EvalModel::GlassLlm, 2.5, 140.0), row(EvalModel::MiniLm, 2.5, 0.7)];
+        let mut wide = row(EvalModel::MiniLm, 4.5, 0.97);
+        wide.bits = 4;
+        rows.push(wide);
+        let svg = plot_svg(&rows).expect("rows have scores");
+        assert!(svg.contains("glassllm W2"), "glassllm W2 panel");
+        assert!(svg.contains("MiniLM W2"), "MiniLM W2 panel");
+        assert!(svg.contains("MiniLM W4"), "MiniLM W4 panel");
+        assert!(plot_svg(&[]).is_err(), "no rows");
+    }
 }
