@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::config::{Config, Overrides, Resolved};
+use crate::config::{Config, OutlierScope, Overrides, Resolved};
 use crate::flow::{self, RunOptions};
 use crate::formats::{FpKind, Rounding};
 use crate::generator;
@@ -100,6 +100,10 @@ pub struct ConfigArgs {
     /// Outlier threshold in standard deviations.
     #[arg(long)]
     pub k_sigma: Option<f64>,
+    /// Values over which the outlier mean and standard deviation are taken: all output
+    /// channels of one input channel, one macro-block (R x M) or one micro-block (M).
+    #[arg(long, value_enum)]
+    pub outlier_scope: Option<OutlierScopeArg>,
     /// Rounding rule of every encoder.
     #[arg(long, value_enum)]
     pub rounding: Option<RoundingArg>,
@@ -149,9 +153,32 @@ pub enum RoundingArg {
     NearestAway,
 }
 
+/// Outlier scope names on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OutlierScopeArg {
+    Column,
+    MacroBlock,
+    MicroBlock,
+}
+
+impl From<OutlierScopeArg> for OutlierScope {
+    fn from(arg: OutlierScopeArg) -> OutlierScope {
+        match arg {
+            OutlierScopeArg::Column => OutlierScope::Column,
+            OutlierScopeArg::MacroBlock => OutlierScope::MacroBlock,
+            OutlierScopeArg::MicroBlock => OutlierScope::MicroBlock,
+        }
+    }
+}
+
 impl ConfigArgs {
     /// Reads, overrides and validates the configuration.
     pub fn resolve(&self) -> Result<Resolved, String> {
+        self.config()?.resolve().map_err(|e| e.to_string())
+    }
+
+    /// Reads the configuration and applies the overrides, without validating the result.
+    pub fn config(&self) -> Result<Config, String> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
             None => Config::default_config(),
@@ -164,6 +191,7 @@ impl ConfigArgs {
             ublock: self.ublock,
             max_pairs: self.max_pairs,
             k_sigma: self.k_sigma,
+            outlier_scope: self.outlier_scope.map(OutlierScope::from),
             rounding: self.rounding.map(|r| match r {
                 RoundingArg::NearestEven => Rounding::NearestEven,
                 RoundingArg::NearestAway => Rounding::NearestAway,
@@ -174,7 +202,7 @@ impl ConfigArgs {
             weight_buffer_depth: self.weight_buffer_depth,
             outlier_format: self.outlier_format.map(OutlierFormatArg::kind),
         });
-        config.resolve().map_err(|e| e.to_string())
+        Ok(config)
     }
 }
 
@@ -340,6 +368,9 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// Configuration of the MX-INT and MicroScopiQ methods, whose inlier bits --bits sets.
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Model to evaluate: glassllm (perplexity), minilm (embedding cosine to FP32) or all.
     #[arg(long, value_enum, default_value = "all")]
     pub model: EvalModelArg,
@@ -361,6 +392,21 @@ pub struct EvalArgs {
     /// Print one JSON object per row instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Sweep the outlier rule instead of comparing methods: MicroScopiQ without GPTQ for
+    /// every scope of --scopes with every threshold of --k-sigmas and without outliers, then
+    /// the best rules with GPTQ.
+    #[arg(long, conflicts_with_all = ["k_sigma", "outlier_scope"])]
+    pub sweep_outliers: bool,
+    /// Outlier thresholds of --sweep-outliers, in standard deviations.
+    #[arg(long, value_delimiter = ',', default_value = "1.5,2,2.5,3,3.5,4", requires = "sweep_outliers")]
+    pub k_sigmas: Vec<f64>,
+    /// Outlier scopes of --sweep-outliers.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "column,macro-block,micro-block", requires = "sweep_outliers")]
+    pub scopes: Vec<OutlierScopeArg>,
+    /// Rules per model and bit width that --sweep-outliers reruns with GPTQ, besides the
+    /// configured rule and the rule without outliers.
+    #[arg(long, value_name = "N", default_value_t = crate::sweep::DEFAULT_GPTQ_CANDIDATES, requires = "sweep_outliers")]
+    pub gptq_candidates: usize,
 }
 
 /// Model choices of `eval`.
@@ -905,10 +951,14 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
         EvalModelArg::Minilm => vec![EvalModel::MiniLm],
         EvalModelArg::All => vec![EvalModel::GlassLlm, EvalModel::MiniLm],
     };
+    if let Some(bits) = args.config.weight_bits {
+        return Err(format!("invalid --weight-bits {bits} for eval: set the inlier bit widths with --bits"));
+    }
     let options = eval::EvalOptions {
         bits: args.bits.clone(),
         windows: args.windows,
         sentences: args.sentences,
+        config: args.config.config()?,
         ..eval::EvalOptions::default()
     };
     let progress = if args.json {
@@ -916,6 +966,9 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
     } else {
         indicatif::MultiProgress::new()
     };
+    if args.sweep_outliers {
+        return sweep_outliers(&args, models, options, &progress);
+    }
     let mut rows = Vec::new();
     for model in models {
         rows.extend(eval::evaluate(model, &options, &progress)?);
@@ -933,6 +986,42 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
         print!("{}", eval::to_json_lines(&rows));
     } else {
         print!("{}", eval::format_table(&rows));
+    }
+    Ok(0)
+}
+
+/// Runs `eval --sweep-outliers` with the models and evaluation options of `eval`.
+fn sweep_outliers(
+    args: &EvalArgs,
+    models: Vec<crate::eval::EvalModel>,
+    options: crate::eval::EvalOptions,
+    progress: &indicatif::MultiProgress,
+) -> Result<i32, String> {
+    use crate::sweep;
+
+    let options = sweep::SweepOptions {
+        models,
+        bits: options.bits,
+        scopes: args.scopes.iter().map(|&scope| OutlierScope::from(scope)).collect(),
+        k_sigmas: args.k_sigmas.clone(),
+        gptq_candidates: args.gptq_candidates,
+        windows: options.windows,
+        sentences: options.sentences,
+        config: options.config,
+    };
+    let rows = sweep::sweep(&options, progress)?;
+    if let Some(path) = &args.csv {
+        image::write_atomically(path, sweep::to_csv(&rows).as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let svg = sweep::plot_svg(&rows)?;
+        image::write_atomically(path, svg.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if args.json {
+        print!("{}", sweep::to_json_lines(&rows));
+    } else {
+        print!("{}", sweep::format_table(&rows));
     }
     Ok(0)
 }

@@ -120,6 +120,7 @@ pub struct Overrides {
     pub ublock: Option<u32>,
     pub max_pairs: Option<u32>,
     pub k_sigma: Option<f64>,
+    pub outlier_scope: Option<OutlierScope>,
     pub rounding: Option<Rounding>,
     pub recon_rows: Option<u32>,
     pub multi_precision: Option<bool>,
@@ -131,6 +132,20 @@ pub struct Overrides {
 /// An invalid configuration: names the parameter, the value and the legal range.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError(pub String);
+
+impl OutlierScope {
+    /// Every scope: column, macro-block, micro-block.
+    pub const ALL: [OutlierScope; 3] = [OutlierScope::Column, OutlierScope::MacroBlock, OutlierScope::MicroBlock];
+
+    /// Name in the configuration file, tables and CSV.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutlierScope::Column => "column",
+            OutlierScope::MacroBlock => "macro_block",
+            OutlierScope::MicroBlock => "micro_block",
+        }
+    }
+}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -207,6 +222,9 @@ impl Config {
         }
         if let Some(v) = o.k_sigma {
             self.quantizer.k_sigma = v;
+        }
+        if let Some(v) = o.outlier_scope {
+            self.quantizer.outlier_scope = v;
         }
         if let Some(v) = o.rounding {
             self.format.rounding = v;

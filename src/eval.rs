@@ -144,11 +144,11 @@ pub enum Method {
     RtnMxInt,
     /// OCP MXFP4: E2M1 elements in blocks of 32 input channels with an E8M0 scale each.
     Mxfp4,
-    /// The MicroScopiQ quantizer with the default configuration at b bits, without GPTQ.
+    /// The MicroScopiQ quantizer with the evaluation's configuration at b bits, without GPTQ.
     MicroScopiq,
     /// GPTQ with MX-INT-b and `max_pairs = 0`, so no outliers and no pruning.
     GptqMxInt,
-    /// GPTQ with the MicroScopiQ quantizer in the default configuration at b bits.
+    /// GPTQ with the MicroScopiQ quantizer in the evaluation's configuration at b bits.
     MicroScopiqGptq,
 }
 
@@ -195,9 +195,10 @@ impl Method {
     /// Builds the layer quantizer of this method at `bits` inlier bits, or returns why the
     /// method does not apply at that width.
     ///
-    /// `hessians` are the layer Hessians of the calibration text. A method that needs them
-    /// returns an error without them.
-    pub fn prepare(self, bits: u32, hessians: Option<&Hessians>) -> Result<LayerQuantizer, String> {
+    /// MX-INT and MicroScopiQ methods quantize with `config` at `bits` inlier bits. `hessians`
+    /// are the layer Hessians of the calibration text. A method that needs them returns an
+    /// error without them.
+    pub fn prepare(self, config: &Config, bits: u32, hessians: Option<&Hessians>) -> Result<LayerQuantizer, String> {
         let calibrated = || {
             hessians.cloned().ok_or_else(|| format!("{} needs layer Hessians from calibration text", self.name()))
         };
@@ -205,14 +206,14 @@ impl Method {
             Method::Fp32 => Ok(LayerQuantizer::Fp32),
             Method::Mxfp4 if bits == 4 => Ok(LayerQuantizer::Mxfp4),
             Method::Mxfp4 => Err("not applicable: MXFP4 elements are 4-bit E2M1".to_string()),
-            Method::RtnMxInt => image_config(bits, Some(0)).map(LayerQuantizer::Image).map_err(not_applicable),
-            Method::MicroScopiq => image_config(bits, None).map(LayerQuantizer::Image).map_err(not_applicable),
+            Method::RtnMxInt => image_config(config, bits, Some(0)).map(LayerQuantizer::Image).map_err(not_applicable),
+            Method::MicroScopiq => image_config(config, bits, None).map(LayerQuantizer::Image).map_err(not_applicable),
             Method::GptqMxInt => {
-                let config = image_config(bits, Some(0)).map_err(not_applicable)?;
+                let config = image_config(config, bits, Some(0)).map_err(not_applicable)?;
                 Ok(LayerQuantizer::Gptq { config, hessians: calibrated()? })
             }
             Method::MicroScopiqGptq => {
-                let config = image_config(bits, None).map_err(not_applicable)?;
+                let config = image_config(config, bits, None).map_err(not_applicable)?;
                 Ok(LayerQuantizer::Gptq { config, hessians: calibrated()? })
             }
         }
@@ -225,10 +226,10 @@ impl Serialize for Method {
     }
 }
 
-/// Returns the default configuration (16x16 array, M = 8, column-scope 3-sigma outliers)
-/// at `bits` inlier bits. `max_pairs` overrides the default of M/2 pairs per micro-block.
-fn image_config(bits: u32, max_pairs: Option<u32>) -> Result<Resolved, String> {
-    let mut config = Config::default_config();
+/// Resolves `base` at `bits` inlier bits. `max_pairs` overrides the pairs per micro-block of
+/// `base`.
+pub(crate) fn image_config(base: &Config, bits: u32, max_pairs: Option<u32>) -> Result<Resolved, String> {
+    let mut config = base.clone();
     config.apply(&Overrides { weight_bits: Some(bits), max_pairs, ..Overrides::default() });
     config.resolve().map_err(|e| e.to_string())
 }
@@ -291,7 +292,7 @@ impl LayerQuantizer {
 }
 
 /// Returns the dequantized weights of `layer` and the bits of its packed image.
-fn packed_weight(weight: &Matrix, layer: &quantizer::QuantizedLayer, r: &Resolved, fell_back_to_rtn: bool) -> QuantizedWeight {
+pub(crate) fn packed_weight(weight: &Matrix, layer: &quantizer::QuantizedLayer, r: &Resolved, fell_back_to_rtn: bool) -> QuantizedWeight {
     let packed = image::build(layer, r, &[]);
     let storage_bits = image::weight_image_bits(layer, r, &packed);
     // Every dequantized value is an integer or minifloat times a power of two inside the f32
@@ -403,6 +404,9 @@ pub struct EvalOptions {
     pub windows: Option<usize>,
     /// MiniLM sentences.
     pub sentences: usize,
+    /// Configuration of the MX-INT and MicroScopiQ methods; each bit width of `bits`
+    /// replaces its `weight_bits`.
+    pub config: Config,
 }
 
 impl Default for EvalOptions {
@@ -412,6 +416,7 @@ impl Default for EvalOptions {
             bits: vec![2, 4],
             windows: None,
             sentences: DEFAULT_SENTENCES,
+            config: Config::default_config(),
         }
     }
 }
@@ -419,10 +424,11 @@ impl Default for EvalOptions {
 /// Evaluates every method of `options` on `model` and returns one row per method and width.
 ///
 /// Progress bars go to `progress`. Returns an error when a model or text file is missing or
-/// invalid, or when `options` requests more windows or sentences than the text has.
+/// invalid, when `options.config` is invalid at one of the bit widths, or when `options`
+/// requests more windows or sentences than the text has.
 pub fn evaluate(model: EvalModel, options: &EvalOptions, progress: &MultiProgress) -> Result<Vec<EvalRow>, String> {
     for &bits in &options.bits {
-        image_config(bits, Some(0))?;
+        image_config(&options.config, bits, Some(0))?;
     }
     match model {
         EvalModel::GlassLlm => evaluate_glassllm(options, progress),
@@ -431,7 +437,7 @@ pub fn evaluate(model: EvalModel, options: &EvalOptions, progress: &MultiProgres
 }
 
 /// The operations on a model's linear layers that the evaluation needs.
-trait LinearModel: Clone + Sync {
+pub(crate) trait LinearModel: Clone + Sync {
     /// Names, `[out, in]` shapes, in execution order.
     fn layers(&self) -> Vec<(String, usize, usize)>;
     fn weight(&self, name: &str) -> Matrix;
@@ -569,7 +575,7 @@ fn quantize_model<M: LinearModel>(
 }
 
 /// Applies `f` to every item on all available threads and returns the results in item order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
     let next = AtomicUsize::new(0);
     let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
@@ -620,7 +626,7 @@ fn layer_bar(progress: &MultiProgress, model: EvalModel, jobs: usize, layers: us
 }
 
 /// Progress bar over windows or sentences, reset for every method.
-fn sample_bar(progress: &MultiProgress, unit: &str, count: usize) -> ProgressBar {
+pub(crate) fn sample_bar(progress: &MultiProgress, unit: &str, count: usize) -> ProgressBar {
     let bar = progress.add(ProgressBar::new(count as u64));
     bar.set_style(
         ProgressStyle::with_template(&format!("{{prefix:>9}} {unit:<7} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"))
@@ -681,7 +687,7 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
     };
     let hessians = calibration.as_ref().map(|(hessians, _)| hessians);
     let prepared: Vec<(Method, u32, Result<LayerQuantizer, String>)> =
-        jobs.iter().map(|&(method, bits)| (method, bits, method.prepare(bits, hessians))).collect();
+        jobs.iter().map(|&(method, bits)| (method, bits, method.prepare(&options.config, bits, hessians))).collect();
     let quantizing = prepared.iter().filter(|(m, _, q)| *m != Method::Fp32 && q.is_ok()).count();
     let bar = layer_bar(progress, model, quantizing, base.layers().len());
 
@@ -740,12 +746,12 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
     Ok(rows)
 }
 
-fn shakespeare_path(file: &str) -> PathBuf {
+pub(crate) fn shakespeare_path(file: &str) -> PathBuf {
     weights::models_dir().join("shakespeare").join(file)
 }
 
 /// Returns an error naming the fix when one of `paths` is missing.
-fn require_files(paths: &[PathBuf]) -> Result<(), String> {
+pub(crate) fn require_files(paths: &[PathBuf]) -> Result<(), String> {
     match paths.iter().find(|path| !path.is_file()) {
         None => Ok(()),
         Some(path) => Err(format!(
@@ -757,17 +763,17 @@ fn require_files(paths: &[PathBuf]) -> Result<(), String> {
 }
 
 /// The glassllm evaluation windows.
-struct Windows {
+pub(crate) struct Windows {
     /// Token ids of each text part.
     parts: Vec<Vec<u32>>,
     /// (part, window inside the part), in evaluation order.
     windows: Vec<(usize, usize)>,
-    description: String,
+    pub(crate) description: String,
 }
 
 impl Windows {
     /// Tokenizes [`GLASSLLM_TEXTS`] and keeps the first `limit` windows (all when `None`).
-    fn load(model: &GlassLlm, tokenizer: &BpeTokenizer, limit: Option<usize>) -> Result<Windows, String> {
+    pub(crate) fn load(model: &GlassLlm, tokenizer: &BpeTokenizer, limit: Option<usize>) -> Result<Windows, String> {
         let mut parts = Vec::new();
         let mut windows = Vec::new();
         let mut descriptions = Vec::new();
@@ -807,7 +813,7 @@ impl Windows {
     }
 
     /// Returns the mean cross-entropy of each window, in nats per token.
-    fn losses(&self, model: &GlassLlm, bar: &ProgressBar) -> Vec<f64> {
+    pub(crate) fn losses(&self, model: &GlassLlm, bar: &ProgressBar) -> Vec<f64> {
         bar.reset();
         bar.set_length(self.windows.len() as u64);
         parallel_map(&self.windows, |&(part, window)| {
@@ -819,7 +825,7 @@ impl Windows {
 }
 
 /// Builds the perplexity metric of `losses`, paired with FP32's `reference` losses.
-fn perplexity_metric(losses: &[f64], reference: &[f64], text: &str) -> Metric {
+pub(crate) fn perplexity_metric(losses: &[f64], reference: &[f64], text: &str) -> Metric {
     let (mean, se) = mean_and_se(losses);
     let differences: Vec<f64> = losses.iter().zip(reference).map(|(l, r)| l - r).collect();
     let (delta, delta_se) = mean_and_se(&differences);
@@ -953,7 +959,7 @@ fn layer_hessians(accumulated: &LayerHessians) -> Result<HashMap<String, Hessian
 
 /// Accumulates glassllm's layer Hessians on [`CALIBRATION_WINDOWS`] windows of the
 /// calibration text.
-fn calibrate_glassllm(model: &GlassLlm, tokenizer: &BpeTokenizer) -> Result<Calibration, String> {
+pub(crate) fn calibrate_glassllm(model: &GlassLlm, tokenizer: &BpeTokenizer) -> Result<Calibration, String> {
     check_calibration_slices()?;
     let dir = weights::models_dir().join("shakespeare");
     let windows = hessian::calibration_windows(&dir, tokenizer, model.config.max_len, CALIBRATION_WINDOWS)
@@ -1001,7 +1007,7 @@ pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibra
 }
 
 /// Embeds every sentence with `model`.
-fn embed_all(model: &MiniLm, sentences: &[Vec<u32>], bar: &ProgressBar) -> Vec<Vec<f32>> {
+pub(crate) fn embed_all(model: &MiniLm, sentences: &[Vec<u32>], bar: &ProgressBar) -> Vec<Vec<f32>> {
     bar.reset();
     bar.set_length(sentences.len() as u64);
     parallel_map(sentences, |ids| {
@@ -1012,7 +1018,7 @@ fn embed_all(model: &MiniLm, sentences: &[Vec<u32>], bar: &ProgressBar) -> Vec<V
 }
 
 /// Builds the cosine metric of `embeddings` against FP32's `reference`.
-fn cosine_metric(embeddings: &[Vec<f32>], reference: &[Vec<f32>], text: &str) -> Metric {
+pub(crate) fn cosine_metric(embeddings: &[Vec<f32>], reference: &[Vec<f32>], text: &str) -> Metric {
     let cosines: Vec<f64> = embeddings.iter().zip(reference).map(|(a, b)| cosine(a, b)).collect();
     let (mean, se) = mean_and_se(&cosines);
     Metric::Cosine { cosine: Some(mean), cosine_se: se, sentences: cosines.len(), text: text.to_string() }
@@ -1211,7 +1217,7 @@ pub const CSV_COLUMNS: [&str; 20] = [
 ];
 
 /// Quotes a CSV field when it contains a comma, a quote or a line break (RFC 4180).
-fn csv_field(value: &str) -> String {
+pub(crate) fn csv_field(value: &str) -> String {
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
@@ -1442,24 +1448,24 @@ mod tests {
 
     #[test]
     fn rtn_config_has_no_pairs() {
-        let r = image_config(2, Some(0)).expect("b = 2 resolves");
+        let r = image_config(&Config::default_config(), 2, Some(0)).expect("b = 2 resolves");
         assert_eq!(r.max_pairs, 0);
-        let r = image_config(4, None).expect("b = 4 resolves");
+        let r = image_config(&Config::default_config(), 4, None).expect("b = 4 resolves");
         assert_eq!((r.b, r.max_pairs, r.rows, r.cols), (4, 4, 16, 16));
     }
 
     #[test]
     fn mxfp4_rejects_two_bits() {
-        let reason = Method::Mxfp4.prepare(2, None).expect_err("MXFP4 is 4-bit only");
+        let reason = Method::Mxfp4.prepare(&Config::default_config(), 2, None).expect_err("MXFP4 is 4-bit only");
         assert!(reason.starts_with("not applicable"), "{reason}");
     }
 
     #[test]
     fn gptq_needs_hessians() {
-        let reason = Method::GptqMxInt.prepare(2, None).expect_err("no Hessians");
+        let reason = Method::GptqMxInt.prepare(&Config::default_config(), 2, None).expect_err("no Hessians");
         assert!(reason.contains("needs layer Hessians"), "{reason}");
         let hessians: Hessians = Arc::new(HashMap::new());
-        let quantizer = Method::MicroScopiqGptq.prepare(4, Some(&hessians)).expect("b = 4 resolves");
+        let quantizer = Method::MicroScopiqGptq.prepare(&Config::default_config(), 4, Some(&hessians)).expect("b = 4 resolves");
         let error = quantizer.quantize("layer", &seeded_matrix(16, 16)).expect_err("no Hessian for the layer");
         assert!(error.contains("no calibration Hessian for layer `layer`"), "{error}");
     }

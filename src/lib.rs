@@ -19,5 +19,6 @@ pub mod models;
 pub mod quantizer;
 pub mod recon;
 pub mod simulation;
+pub mod sweep;
 pub mod synthesis;
 pub mod weights;

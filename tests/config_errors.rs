@@ -147,3 +147,55 @@ fn generate_writes_multi_precision_rtl() {
         assert!(out.join(name).is_file(), "generate multi-precision 2x4 wrote no {name}");
     }
 }
+fn generate_rejects_unknown_outlier_scope() {
+    assert_rejected(&["generate", "--outlier-scope", "row"], &["--outlier-scope", "column", "macro-block", "micro-block"]);
+}
+
+#[test]
+fn generate_rejects_k_sigma_zero() {
+    assert_rejected(&["generate", "--k-sigma", "0"], &["k_sigma = 0"]);
+}
+
+#[test]
+fn print_config_applies_outlier_scope() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    for (flag, expected) in [("column", "column"), ("macro-block", "macro_block"), ("micro-block", "micro_block")] {
+        let output = run_binary(dir.path(), &["generate", "--print-config", "--outlier-scope", flag, "--k-sigma", "2.5"]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "--outlier-scope {flag}: {}", String::from_utf8_lossy(&output.stderr));
+        let config = Config::from_toml(&stdout, "printed configuration").expect("printed configuration parses");
+        assert_eq!(config.quantizer.outlier_scope.name(), expected, "--outlier-scope {flag}");
+        assert_eq!(config.quantizer.k_sigma, 2.5, "--outlier-scope {flag}");
+    }
+}
+
+#[test]
+fn eval_rejects_weight_bits() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let output = run_binary(dir.path(), &["eval", "--weight-bits", "4"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--weight-bits 4"), "{stderr}");
+    assert!(stderr.contains("--bits"), "{stderr}");
+}
+
+#[test]
+fn sweep_rejects_fixed_rule() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    for flag in [["--k-sigma", "2"], ["--outlier-scope", "column"]] {
+        let output = run_binary(dir.path(), &["eval", "--sweep-outliers", flag[0], flag[1]]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag:?}: {stderr}");
+        assert!(stderr.contains("--sweep-outliers"), "{flag:?}: {stderr}");
+        assert!(stderr.contains(flag[0]), "{flag:?}: {stderr}");
+    }
+}
+
+#[test]
+fn sweep_lists_need_sweep_flag() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let output = run_binary(dir.path(), &["eval", "--k-sigmas", "2,3"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--sweep-outliers"), "{stderr}");
+}
