@@ -39,11 +39,6 @@ fn padded(n: usize) -> usize {
 /// Uses AVX2 registers when the CPU has them and SSE2 otherwise; both give the same bits.
 pub fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>, usize> {
     #[cfg(target_arch = "x86_64")]
-    if std::env::var("FACTOR_KERNEL").as_deref() == Ok("avx512") && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F, checked just above.
-        return unsafe { avx512::inverse_cholesky_upper(h, n) };
-    }
-    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { avx2::inverse_cholesky_upper(h, n) };
@@ -97,14 +92,6 @@ pub fn inverse_from_cholesky(l: &[f64], n: usize) -> Vec<f64> {
         }
     }
     inverse
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>, usize> {
-        super::inverse_cholesky_upper_tiled::<16, 8>(h, n)
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
