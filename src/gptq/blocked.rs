@@ -4,9 +4,9 @@
 //! Every entry of the reference is a sum (or a chain of subtractions) over an index p in
 //! increasing order, started from a fixed value. The blocked code keeps, for each entry, the
 //! same start value, the same terms, the same order of p and the same final operation. It
-//! only changes which entries are computed together: a register tile of W consecutive
-//! entries of a row times NR broadcast values runs the p loop for W x NR entries at once, and
-//! panels of [`PANEL`] rows or columns keep the operands of a tile in cache. A partial sum is
+//! only changes which entries are computed together. A register tile of W consecutive
+//! entries of a row times NR broadcast values runs the p loop for W x NR entries at once.
+//! Panels of [`PANEL`] rows or columns keep the operands of a tile in cache. A partial sum is
 //! kept in a register or stored as an f64, which does not round it.
 //!
 //! The element-wise f64 multiplications, additions, subtractions, divisions and square roots
@@ -96,14 +96,14 @@ pub fn inverse_from_cholesky(l: &[f64], n: usize) -> Vec<f64> {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    /// The AVX2 instance of the tiled computation: 8 lanes (two 256-bit registers) times 4
-    /// broadcast values. AVX2 without FMA, so the operations match the portable ones.
+    /// Computes the factorisation with AVX2 tiles of 8 lanes (two 256-bit registers) times 4
+    /// broadcast values. FMA stays disabled, so the operations match the portable ones.
     #[target_feature(enable = "avx2")]
     pub(super) fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>, usize> {
         super::inverse_cholesky_upper_tiled::<8, 4>(h, n)
     }
 
-    /// The AVX2 instance of the batch update, with the tile of the portable one.
+    /// Applies the batch update with AVX2 registers and the tile of the portable version.
     #[target_feature(enable = "avx2")]
     pub(super) fn subtract_batch_errors(update: &mut super::BatchUpdate<'_>) {
         super::subtract_batch_errors_tiled::<8, 4>(update)
@@ -114,7 +114,7 @@ fn all_finite(values: &[f64]) -> bool {
     values.iter().all(|v| v.is_finite())
 }
 
-/// The factorisation with tiles of W lanes times NR broadcast values.
+/// Computes [`inverse_cholesky_upper`] with tiles of W lanes times NR broadcast values.
 #[inline(always)]
 fn inverse_cholesky_upper_tiled<const W: usize, const NR: usize>(
     h: &[f64],
