@@ -24,8 +24,12 @@
 //!
 //! With H = I no channel receives an update, so the result equals [`quantizer::quantize`]
 //! bit for bit.
+//!
+//! The factorisations run cache-blocked ([`blocked`]) and return the same bits as the
+//! straightforward code in [`reference`], which [`Factorizer::Reference`] selects.
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -35,6 +39,31 @@ use crate::hessian::Hessian;
 use crate::image;
 use crate::quantizer::{self, Columns, EncodedBlock, MicroBlock, QuantizedLayer};
 use crate::weights::Matrix;
+
+pub mod blocked;
+pub mod reference;
+
+pub use blocked::{cholesky_lower, inverse_cholesky_upper};
+
+/// Implementation of the factorisations of H. Both give the same bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Factorizer {
+    /// Cache-blocked tiles ([`blocked`]).
+    #[default]
+    Blocked,
+    /// The straightforward loops ([`reference`]), slower by a large factor.
+    Reference,
+}
+
+/// Wall time of the two phases of one GPTQ run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Dead channels, channel order, permutation and every factorisation attempt.
+    pub factorization: Duration,
+    /// The column loop and the assembly of the quantized layer, or the round-to-nearest
+    /// fallback.
+    pub columns: Duration,
+}
 
 /// Settings of the GPTQ column loop.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -142,100 +171,6 @@ pub struct GptqInfo {
     pub order: Vec<usize>,
 }
 
-/// Returns the lower Cholesky factor L of the `n x n` row-major matrix `a` (a = L L^T), or
-/// the index of the first pivot that is not clearly positive.
-///
-/// A pivot fails when it is not finite or at most n * ε times its diagonal entry, so a
-/// matrix that is singular up to rounding is rejected instead of yielding a huge inverse.
-pub fn cholesky_lower(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
-    assert_eq!(a.len(), n * n, "cholesky_lower needs an {n} x {n} matrix");
-    let mut l = vec![0.0; n * n];
-    for j in 0..n {
-        let row_j = j * n;
-        let sum: f64 = l[row_j..row_j + j].iter().map(|v| v * v).sum();
-        let pivot = a[row_j + j] - sum;
-        let tolerance = n as f64 * f64::EPSILON * a[row_j + j].abs();
-        let clearly_positive = pivot.is_finite() && pivot > tolerance;
-        if !clearly_positive {
-            return Err(j);
-        }
-        let diagonal = pivot.sqrt();
-        l[row_j + j] = diagonal;
-        let (done, rest) = l.split_at_mut((j + 1) * n);
-        let factor_j = &done[row_j..row_j + j];
-        for (offset, row) in rest.chunks_exact_mut(n).enumerate() {
-            let i = j + 1 + offset;
-            let dot: f64 = row[..j].iter().zip(factor_j).map(|(x, y)| x * y).sum();
-            row[j] = (a[i * n + j] - dot) / diagonal;
-        }
-    }
-    Ok(l)
-}
-
-/// Returns A^-1 = L^-T L^-1 from the lower Cholesky factor L of A.
-fn inverse_from_cholesky(l: &[f64], n: usize) -> Vec<f64> {
-    // V = L^-1 by forward substitution, row by row: L[i][i] V[i] = e_i - sum over p < i of
-    // L[i][p] V[p]. Rows are contiguous, so each step is one vector update.
-    let mut v = vec![0.0; n * n];
-    for i in 0..n {
-        let (done, rest) = v.split_at_mut(i * n);
-        let row = &mut rest[..n];
-        row[i] = 1.0;
-        for p in 0..i {
-            let coefficient = l[i * n + p];
-            if coefficient != 0.0 {
-                for (value, earlier) in row[..=p].iter_mut().zip(&done[p * n..p * n + p + 1]) {
-                    *value -= coefficient * earlier;
-                }
-            }
-        }
-        let diagonal = l[i * n + i];
-        for value in &mut row[..=i] {
-            *value /= diagonal;
-        }
-    }
-    // A^-1[i][j] = sum over p >= max(i, j) of V[p][i] V[p][j], a dot product of rows of V^T.
-    let mut v_transposed = vec![0.0; n * n];
-    for p in 0..n {
-        for c in 0..=p {
-            v_transposed[c * n + p] = v[p * n + c];
-        }
-    }
-    let mut inverse = vec![0.0; n * n];
-    for i in 0..n {
-        for j in i..n {
-            let row_i = &v_transposed[i * n + j..(i + 1) * n];
-            let row_j = &v_transposed[j * n + j..(j + 1) * n];
-            let value: f64 = row_i.iter().zip(row_j).map(|(a, b)| a * b).sum();
-            inverse[i * n + j] = value;
-            inverse[j * n + i] = value;
-        }
-    }
-    inverse
-}
-
-/// Returns the upper Cholesky factor U of H^-1 (H^-1 = U^T U) for the `n x n` row-major
-/// `h`, or the index of a failed pivot.
-///
-/// H^-1 comes from the Cholesky factor of H, and U from a second factorisation, all in f64.
-/// Row k of U contains the coefficients with which channel k's error updates later channels.
-pub fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>, usize> {
-    let l = cholesky_lower(h, n)?;
-    let inverse = inverse_from_cholesky(&l, n);
-    let l_inverse = cholesky_lower(&inverse, n)?;
-    let mut upper = vec![0.0; n * n];
-    for i in 0..n {
-        for j in i..n {
-            upper[i * n + j] = l_inverse[j * n + i];
-        }
-    }
-    if upper.iter().all(|v| v.is_finite()) {
-        Ok(upper)
-    } else {
-        Err(n)
-    }
-}
-
 /// Sets H_kk = 1 for every channel with H_kk = 0 and returns those channels.
 pub fn fix_dead_channels(h: &mut Hessian) -> Vec<usize> {
     let dim = h.dim;
@@ -251,6 +186,15 @@ pub fn fix_dead_channels(h: &mut Hessian) -> Vec<usize> {
 ///
 /// Returns the last damping tried and the retry count when every attempt failed.
 pub fn factorize(h: &Hessian, options: &GptqOptions) -> Result<Factorization, (f64, u32)> {
+    factorize_with(h, options, Factorizer::Blocked)
+}
+
+/// [`factorize`] with the given implementation of the factorisations.
+pub fn factorize_with(
+    h: &Hessian,
+    options: &GptqOptions,
+    factorizer: Factorizer,
+) -> Result<Factorization, (f64, u32)> {
     let n = h.dim;
     let mean_diagonal = if n == 0 {
         0.0
@@ -267,7 +211,11 @@ pub fn factorize(h: &Hessian, options: &GptqOptions) -> Result<Factorization, (f
         for k in 0..n {
             damped[k * n + k] = h.values[k * n + k] + damping;
         }
-        if let Ok(upper) = inverse_cholesky_upper(&damped, n) {
+        let upper = match factorizer {
+            Factorizer::Blocked => inverse_cholesky_upper(&damped, n),
+            Factorizer::Reference => reference::inverse_cholesky_upper(&damped, n),
+        };
+        if let Ok(upper) = upper {
             return Ok(Factorization {
                 upper,
                 dim: n,
@@ -314,6 +262,21 @@ pub fn quantize_gptq(
     r: &Resolved,
     options: &GptqOptions,
 ) -> Result<(QuantizedLayer, GptqInfo), GptqError> {
+    quantize_gptq_timed(weights, hessian, r, options, Factorizer::Blocked)
+        .map(|(layer, info, _)| (layer, info))
+}
+
+/// [`quantize_gptq`] with the given implementation of the factorisations, also returning the
+/// time of each phase.
+pub fn quantize_gptq_timed(
+    weights: &Matrix,
+    hessian: &Hessian,
+    r: &Resolved,
+    options: &GptqOptions,
+    factorizer: Factorizer,
+) -> Result<(QuantizedLayer, GptqInfo, PhaseTimes), GptqError> {
+    let start = Instant::now();
+    let mut times = PhaseTimes::default();
     let name = &weights.name;
     if hessian.dim != weights.cols {
         return Err(GptqError::HessianShape {
@@ -350,7 +313,10 @@ pub fn quantize_gptq(
         (quantizer::quantize(weights, r), info)
     };
 
-    let factorization = match factorize(&permute(&h, &order), options) {
+    let factorized = factorize_with(&permute(&h, &order), options, factorizer);
+    times.factorization = start.elapsed();
+    let start = Instant::now();
+    let factorization = match factorized {
         Ok(factorization) => factorization,
         Err((relative, retries)) => {
             eprintln!(
@@ -358,7 +324,9 @@ pub fn quantize_gptq(
                  with a damping of {relative:e} times its mean diagonal after {retries} retries; \
                  quantizing this layer with round to nearest"
             );
-            return Ok(fallback(retries));
+            let (layer, info) = fallback(retries);
+            times.columns = start.elapsed();
+            return Ok((layer, info, times));
         }
     };
     if factorization.retries > 0 {
@@ -381,7 +349,9 @@ pub fn quantize_gptq(
             "warning: GPTQ of `{name}`: the error updates made a weight NaN or infinite; \
              quantizing this layer with round to nearest"
         );
-        return Ok(fallback(factorization.retries));
+        let (layer, info) = fallback(factorization.retries);
+        times.columns = start.elapsed();
+        return Ok((layer, info, times));
     };
     let info = GptqInfo {
         damping: Some(factorization.damping),
@@ -391,7 +361,57 @@ pub fn quantize_gptq(
         fell_back_to_rtn: false,
         order,
     };
-    Ok((layer, info))
+    times.columns = start.elapsed();
+    Ok((layer, info, times))
+}
+
+/// The result of one layer in [`quantize_layers`].
+pub type LayerResult = Result<(QuantizedLayer, GptqInfo, PhaseTimes), GptqError>;
+
+/// Quantizes independent layers, each `(weights, hessian)`, with GPTQ on up to `threads`
+/// threads and returns the results in the order of `layers`.
+///
+/// One thread computes each layer from start to end, so the results do not depend on the
+/// thread count. Threads take the layers with the most input channels first, which balances
+/// the load because the factorisations grow with the cube of that count. `on_done` runs
+/// after each layer, on the thread that computed it.
+pub fn quantize_layers(
+    layers: &[(&Matrix, &Hessian)],
+    r: &Resolved,
+    options: &GptqOptions,
+    factorizer: Factorizer,
+    threads: usize,
+    on_done: &(dyn Fn(usize) + Sync),
+) -> Vec<LayerResult> {
+    let mut by_cost: Vec<usize> = (0..layers.len()).collect();
+    by_cost.sort_by_key(|&i| std::cmp::Reverse((layers[i].0.cols, layers[i].0.rows)));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<LayerResult>>> =
+        layers.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let work = || loop {
+        let taken = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(&index) = by_cost.get(taken) else {
+            break;
+        };
+        let (weights, hessian) = layers[index];
+        let result = quantize_gptq_timed(weights, hessian, r, options, factorizer);
+        *results[index].lock().expect("no thread panics while holding it") = Some(result);
+        on_done(index);
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads.clamp(1, layers.len().max(1)) {
+            scope.spawn(work);
+        }
+        work();
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .expect("no thread panics while holding it")
+                .expect("every layer was taken")
+        })
+        .collect()
 }
 
 /// State of the column loop.
@@ -422,8 +442,15 @@ struct ColumnLoop<'a> {
     applied: Vec<usize>,
     /// Base exponents by (macro-block row, micro-block), set when the row is first reached.
     bases: Vec<Option<E8m0>>,
-    /// Planned and encoded micro-blocks by (input channel, micro-block).
-    results: Vec<Option<(MicroBlock, EncodedBlock)>>,
+    /// The layer being built. A micro-block without outlier pairs is stored as soon as it
+    /// is encoded, because storing it touches only its own codes and the counters.
+    layer: QuantizedLayer,
+    /// Planned and encoded micro-blocks with outlier pairs by (input channel, micro-block).
+    /// They are stored at the end in the order of [`quantizer::quantize`], which numbers the
+    /// pair blocks.
+    paired: Vec<Option<(MicroBlock, EncodedBlock)>>,
+    /// Dequantized values of the channel just quantized, one per real output channel.
+    dequantized: Vec<f64>,
 }
 
 impl ColumnLoop<'_> {
@@ -443,6 +470,29 @@ impl ColumnLoop<'_> {
             subtract_scaled(column, self.upper[j * dim + p], error);
         }
         self.applied[p] = self.applied[p].max(through);
+    }
+
+    /// Brings every channel after the batch that ends at `end` up to date, with the same
+    /// arithmetic as [`Self::bring_up_to_date`] on each of them.
+    fn update_after_batch(&mut self, end: usize) {
+        let dim = self.order.len();
+        if end >= dim {
+            return;
+        }
+        blocked::subtract_batch_errors(&mut blocked::BatchUpdate {
+            columns: &mut self.weights.data,
+            n_out: self.weights.n_out,
+            targets: &self.order[end..],
+            applied: &self.applied[end..],
+            first_position: end,
+            errors: &self.errors,
+            batch: self.batch_start..end,
+            upper: self.upper,
+            dim,
+        });
+        for applied in &mut self.applied[end..] {
+            *applied = (*applied).max(end);
+        }
     }
 
     /// Fixes the base exponents of macro-block row `kb` from the current weights of its
@@ -474,26 +524,30 @@ impl ColumnLoop<'_> {
     }
 
     /// Quantizes input channel `k` (at position `next`, or any position for padding) from
-    /// its current weights and returns the dequantized values of its real rows.
-    fn quantize_channel(&mut self, k: usize, next: usize) -> Vec<f64> {
+    /// its current weights and leaves the dequantized values of its real rows in
+    /// `dequantized`.
+    fn quantize_channel(&mut self, k: usize, next: usize) {
         let kb = k / self.r.mab_rows;
         self.fix_bases(kb, next);
         let ub = self.ublocks();
         let m = self.r.m;
         let plans =
             quantizer::plan_column(&self.weights, self.r, k, self.n_pad, self.u_diagonal[k]);
-        let mut dequantized = vec![0.0; self.weights.n_out];
         for (nb, block) in plans.into_iter().enumerate() {
             let base = self.bases[kb * ub + nb].expect("bases are fixed above");
             let encoded = quantizer::encode_micro_block(&block, base, self.r);
             for i in 0..m {
                 if block.real[i] {
-                    dequantized[nb * m + i] = encoded.values[i];
+                    self.dequantized[nb * m + i] = encoded.values[i];
                 }
             }
-            self.results[k * ub + nb] = Some((block, encoded));
+            if block.route.pairs.is_empty() {
+                self.layer
+                    .store_micro_block(self.r, k, nb, &block, &encoded);
+            } else {
+                self.paired[k * ub + nb] = Some((block, encoded));
+            }
         }
-        dequantized
     }
 
     /// Runs the batches over every real channel. Returns false when a weight became NaN or
@@ -509,13 +563,13 @@ impl ColumnLoop<'_> {
                 if !self.weights.column(k).iter().all(|v| v.is_finite()) {
                     return false;
                 }
-                let dequantized = self.quantize_channel(k, j);
+                self.quantize_channel(k, j);
                 let u_jj = self.upper[j * dim + j];
                 let error = &mut self.errors[(j - start) * n_out..(j - start + 1) * n_out];
                 for ((e, w), q) in error
                     .iter_mut()
                     .zip(self.weights.column(k))
-                    .zip(&dequantized)
+                    .zip(&self.dequantized)
                 {
                     *e = (w - q) / u_jj;
                 }
@@ -524,9 +578,7 @@ impl ColumnLoop<'_> {
                 }
             }
             // Lazy batch update of the channels after the batch.
-            for p in end..dim {
-                self.bring_up_to_date(p, end);
-            }
+            self.update_after_batch(end);
         }
         for k in dim..self.k_pad {
             self.quantize_channel(k, dim);
@@ -534,21 +586,21 @@ impl ColumnLoop<'_> {
         true
     }
 
-    /// Writes every micro-block into a layer in the order of [`quantizer::quantize`].
+    /// Stores the bases and the micro-blocks with pairs in the order of
+    /// [`quantizer::quantize`] and returns the layer.
     fn assemble(self, weights: &Matrix) -> QuantizedLayer {
-        let mut layer = QuantizedLayer::empty(weights, self.r);
         let ub = self.ublocks();
         let rows = self.r.mab_rows;
-        let mut results = self.results;
+        let mut layer = self.layer;
+        let mut paired = self.paired;
         for kb in 0..self.k_pad / rows {
             for nb in 0..ub {
                 layer.bases[kb * ub + nb] =
                     self.bases[kb * ub + nb].expect("every macro-block row was reached");
                 for k in kb * rows..(kb + 1) * rows {
-                    let (block, encoded) = results[k * ub + nb]
-                        .take()
-                        .expect("every channel was quantized");
-                    layer.store_micro_block(self.r, k, nb, &block, &encoded);
+                    if let Some((block, encoded)) = paired[k * ub + nb].take() {
+                        layer.store_micro_block(self.r, k, nb, &block, &encoded);
+                    }
                 }
             }
         }
@@ -594,7 +646,9 @@ fn run_columns(
         errors: vec![0.0; block_size.min(k_in) * n_out],
         applied: vec![0; k_in],
         bases: vec![None; (k_pad / r.mab_rows) * ub],
-        results: vec![None; k_pad * ub],
+        layer: QuantizedLayer::empty(weights, r),
+        paired: vec![None; k_pad * ub],
+        dequantized: vec![0.0; n_out],
     };
     state.run(block_size).then(|| state.assemble(weights))
 }
@@ -716,7 +770,7 @@ mod tests {
         let h = [4.0, 2.0, 2.0, 3.0];
         let l = cholesky_lower(&h, 2).unwrap();
         assert_close(
-            &inverse_from_cholesky(&l, 2),
+            &blocked::inverse_from_cholesky(&l, 2),
             &[0.375, -0.25, -0.25, 0.5],
             1e-15,
         );

@@ -11,11 +11,13 @@
 //! The Tempest ([`CALIBRATION_TEXT`]), and never any edition of Hamlet or Othello.
 
 use std::fmt;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 
 use crate::models::bpe::{self, BpeTokenizer};
 use crate::models::glassllm::GlassLlm;
+use crate::models::minilm::MiniLm;
+use crate::models::wordpiece::WordPiece;
 
 /// A character range of one play in the Shakespeare folder (`<play>.txt`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +125,94 @@ pub fn calibration_windows(
         windows.push(window.to_vec());
     }
     Ok(windows)
+}
+
+/// Cuts MiniLM calibration samples of `token_budget` tokens in all from [`CALIBRATION_TEXT`]
+/// in the folder `shakespeare_dir`.
+///
+/// The lines of each slice, without its first line (which the range may cut), trimmed and
+/// kept when their word count is in `words`, are taken from the three plays in turn, as
+/// `eval` takes its MiniLM calibration sentences. Each line is encoded with `[CLS]` and
+/// `[SEP]`. Whole lines are added while they fit, and the line that crosses the budget is
+/// cut to the tokens that remain, so it may end without `[SEP]`. The samples therefore hold
+/// exactly `token_budget` tokens.
+pub fn minilm_calibration_samples(
+    shakespeare_dir: &Path,
+    tokenizer: &WordPiece,
+    words: RangeInclusive<usize>,
+    token_budget: usize,
+) -> Result<Vec<Vec<u32>>, CalibrationError> {
+    assert!(token_budget > 0, "the calibration needs at least one token");
+    let mut plays = Vec::with_capacity(CALIBRATION_TEXT.len());
+    for slice in &CALIBRATION_TEXT {
+        assert!(
+            is_disjoint_from_evaluation(slice),
+            "calibration reads evaluation text: {slice:?}"
+        );
+        let path = shakespeare_dir.join(format!("{}.txt", slice.play));
+        let text = bpe::read_text_slice(&path, slice.chars.clone()).map_err(|e| {
+            CalibrationError::Text {
+                play: slice.play.to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        let lines: Vec<String> = text
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|line| words.contains(&line.split_whitespace().count()))
+            .map(str::to_string)
+            .collect();
+        plays.push(lines);
+    }
+
+    let mut samples = Vec::new();
+    let mut remaining = token_budget;
+    for index in 0.. {
+        if remaining == 0 {
+            break;
+        }
+        let Some(line) = plays[index % plays.len()].get(index / plays.len()) else {
+            return Err(CalibrationError::NotEnoughTokens {
+                requested: token_budget,
+                available: token_budget - remaining,
+            });
+        };
+        let mut ids = tokenizer.encode(line);
+        ids.truncate(remaining);
+        remaining -= ids.len();
+        samples.push(ids);
+    }
+    Ok(samples)
+}
+
+/// Runs MiniLM on each calibration sample and accumulates the input of every linear layer.
+///
+/// Sample i is `samples[i]`. As in [`capture_glassllm`], the first NaN or infinite input
+/// stops the calibration with an error.
+///
+/// # Panics
+///
+/// Panics if a sample is empty or longer than MiniLM's 512 positions (see [`MiniLm::embed`]).
+pub fn capture_minilm(
+    model: &MiniLm,
+    model_name: &str,
+    samples: &[Vec<u32>],
+) -> Result<LayerHessians, CalibrationError> {
+    let mut hessians = LayerHessians::new(model_name);
+    for (sample, ids) in samples.iter().enumerate() {
+        let mut failure: Option<CalibrationError> = None;
+        let mut record = |layer: &str, inputs: &[f32], width: usize| {
+            if failure.is_none() {
+                failure = hessians.add(layer, sample, inputs, width).err();
+            }
+        };
+        model.embed(ids, Some(&mut record));
+        if let Some(error) = failure {
+            return Err(error);
+        }
+    }
+    Ok(hessians)
 }
 
 /// A symmetric `dim x dim` Hessian, row-major, in f64.
@@ -395,6 +485,8 @@ pub enum CalibrationError {
         count: usize,
         available: usize,
     },
+    /// The calibration lines contain fewer tokens than requested.
+    NotEnoughTokens { requested: usize, available: usize },
 }
 
 impl fmt::Display for CalibrationError {
@@ -440,6 +532,14 @@ impl fmt::Display for CalibrationError {
                 f,
                 "the calibration text contains {available} windows of {window_len} tokens, fewer \
                  than the {count} requested"
+            ),
+            CalibrationError::NotEnoughTokens {
+                requested,
+                available,
+            } => write!(
+                f,
+                "the calibration lines contain {available} tokens, fewer than the {requested} \
+                 requested; request fewer calibration tokens"
             ),
         }
     }

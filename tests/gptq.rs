@@ -1,9 +1,10 @@
 //! GPTQ with the MicroScopiQ quantizer: the Hessian cases H1 to H5, equality with round to
-//! nearest under an identity Hessian, the error feedback, and a real glassllm layer
-//! calibrated on Shakespeare text.
+//! nearest under an identity Hessian, the error feedback, a real glassllm layer calibrated
+//! on Shakespeare text, and the blocked factorisations and parallel layers against the
+//! reference factorisations bit for bit on real glassllm and MiniLM layers.
 //!
-//! The glassllm tests need the files of `make fetch-models`. A missing file fails them
-//! unless `MICROSCOPIQ_SKIP_MODELS=1` is set.
+//! The glassllm and MiniLM tests need the files of `make fetch-models`. A missing file fails
+//! them unless `MICROSCOPIQ_SKIP_MODELS=1` is set.
 
 mod common;
 
@@ -13,10 +14,13 @@ use std::time::Instant;
 
 use microscopiq::config::{Config, Resolved};
 use microscopiq::flow::{self, random_activations, SplitMix64};
-use microscopiq::gptq::{self, GptqInfo, GptqOptions};
+use microscopiq::eval::SENTENCE_WORDS;
+use microscopiq::gptq::{self, Factorizer, GptqInfo, GptqOptions};
 use microscopiq::hessian::{self, Hessian, HessianAccumulator, LayerHessians};
 use microscopiq::models::bpe::{self, BpeTokenizer};
 use microscopiq::models::glassllm::GlassLlm;
+use microscopiq::models::minilm::MiniLm;
+use microscopiq::models::wordpiece::WordPiece;
 use microscopiq::quantizer::{self, Columns, QuantizedLayer};
 use microscopiq::weights::{self, Matrix};
 use microscopiq::{golden, image};
@@ -866,4 +870,192 @@ fn glassllm_all_layers_timing() {
     );
     println!("Hamlet perplexity (20 windows): fp32 {reference:.2}, GPTQ {gptq_ppl:.2}, round to nearest {rtn_ppl:.2}");
     assert!(gptq_ppl < rtn_ppl);
+}
+
+/// Returns the bits of every value, so that comparisons also tell -0 from +0.
+fn bits(values: &[f64]) -> Vec<u64> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Asserts that the blocked and the reference factorisations give the same U bits and the
+/// same quantized layer and `GptqInfo` for `weights` under `h`, in channel order and with
+/// act-order.
+fn assert_blocked_matches_reference(weights: &Matrix, h: &Hessian, r: &Resolved) {
+    let name = &weights.name;
+    for act_order in [false, true] {
+        let options = GptqOptions {
+            act_order,
+            ..GptqOptions::default()
+        };
+        let label = format!("{name}, act-order {act_order}");
+        let mut fixed = h.clone();
+        gptq::fix_dead_channels(&mut fixed);
+        let blocked = gptq::factorize_with(&fixed, &options, Factorizer::Blocked).unwrap();
+        let reference = gptq::factorize_with(&fixed, &options, Factorizer::Reference).unwrap();
+        assert_eq!(bits(&blocked.upper), bits(&reference.upper), "{label}: U");
+        assert_eq!(blocked.damping.to_bits(), reference.damping.to_bits(), "{label}");
+        assert_eq!(blocked.retries, reference.retries, "{label}");
+
+        let (fast, fast_info, _) =
+            gptq::quantize_gptq_timed(weights, h, r, &options, Factorizer::Blocked).unwrap();
+        let (slow, slow_info, _) =
+            gptq::quantize_gptq_timed(weights, h, r, &options, Factorizer::Reference).unwrap();
+        assert_same_layer(&fast, &slow, r, &label);
+        assert_eq!(fast_info, slow_info, "{label}: GptqInfo");
+        assert_eq!(
+            fast.stats.relative_error.to_bits(),
+            slow.stats.relative_error.to_bits(),
+            "{label}: relative error"
+        );
+    }
+}
+
+#[test]
+fn blocked_matches_reference_on_glassllm() {
+    if !require_files("blocked_matches_reference_on_glassllm") {
+        return;
+    }
+    let r = common::resolve(&Config::default_config());
+    let hessians = calibration();
+    assert_eq!(hessians.layers().len(), 28);
+    for accumulator in hessians.layers() {
+        let weights = model().linear_weight(accumulator.layer()).unwrap();
+        let h = accumulator.hessian().unwrap();
+        assert_blocked_matches_reference(&weights, &h, &r);
+    }
+}
+
+/// Calibration tokens of the MiniLM comparison: enough for a well-conditioned Hessian of
+/// the 1536-input layer, few enough for a quick capture.
+const MINILM_TOKENS: usize = 512;
+
+#[test]
+fn blocked_matches_reference_on_minilm() {
+    let test = "blocked_matches_reference_on_minilm";
+    let dir = weights::models_dir().join("all-MiniLM-L6-v2");
+    let files = ["model.safetensors", "config.json", "tokenizer.json"];
+    if let Some(missing) = files.iter().find(|file| !dir.join(file).is_file()) {
+        if std::env::var(SKIP_MODELS_ENV).as_deref() == Ok("1") {
+            eprintln!("skipped {test}: {missing} is missing and {SKIP_MODELS_ENV}=1");
+            return;
+        }
+        panic!(
+            "{test} needs {}, which is missing: run `make fetch-models`, or set \
+             {SKIP_MODELS_ENV}=1 to skip the tests that need the model files",
+            dir.join(missing).display()
+        );
+    }
+    if !require_files(test) {
+        return;
+    }
+    let model = MiniLm::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let tokenizer = WordPiece::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let samples = hessian::minilm_calibration_samples(
+        &shakespeare_dir(),
+        &tokenizer,
+        SENTENCE_WORDS,
+        MINILM_TOKENS,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let tokens: usize = samples.iter().map(Vec::len).sum();
+    assert_eq!(tokens, MINILM_TOKENS);
+    let hessians = hessian::capture_minilm(&model, "minilm", &samples).unwrap();
+    assert_eq!(hessians.layers().len(), 36);
+
+    let r = common::resolve(&Config::default_config());
+    // The attention output (384 inputs) and the FFN output (1536 inputs) of the last layer.
+    for name in [
+        "encoder.layer.5.attention.output.dense.weight",
+        "encoder.layer.5.output.dense.weight",
+    ] {
+        let weights = model.linear_weight(name).unwrap();
+        let h = layer_hessian(&hessians, name);
+        assert_blocked_matches_reference(&weights, &h, &r);
+    }
+}
+
+#[test]
+fn minilm_calibration_has_token_budget() {
+    let test = "minilm_calibration_has_token_budget";
+    let dir = weights::models_dir().join("all-MiniLM-L6-v2");
+    if !dir.join("tokenizer.json").is_file() {
+        if std::env::var(SKIP_MODELS_ENV).as_deref() == Ok("1") {
+            eprintln!("skipped {test}: the MiniLM tokenizer is missing and {SKIP_MODELS_ENV}=1");
+            return;
+        }
+        panic!("{test} needs {}: run `make fetch-models`", dir.join("tokenizer.json").display());
+    }
+    if !require_files(test) {
+        return;
+    }
+    let tokenizer = WordPiece::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let samples =
+        hessian::minilm_calibration_samples(&shakespeare_dir(), &tokenizer, SENTENCE_WORDS, 2048)
+            .unwrap();
+    assert_eq!(samples.iter().map(Vec::len).sum::<usize>(), 2048);
+    // Every line but the last is whole: [CLS] first and [SEP] last.
+    let cls = samples[0][0];
+    let sep = *samples[0].last().unwrap();
+    assert_ne!(cls, sep);
+    for sample in &samples[..samples.len() - 1] {
+        assert_eq!(sample[0], cls);
+        assert_eq!(*sample.last().unwrap(), sep);
+    }
+    // A smaller budget gives a prefix of the same samples.
+    let fewer =
+        hessian::minilm_calibration_samples(&shakespeare_dir(), &tokenizer, SENTENCE_WORDS, 100)
+            .unwrap();
+    assert_eq!(fewer.iter().map(Vec::len).sum::<usize>(), 100);
+    let last = fewer.len() - 1;
+    assert_eq!(fewer[..last], samples[..last]);
+    assert!(samples[last].starts_with(&fewer[last]));
+
+    let error = hessian::minilm_calibration_samples(
+        &shakespeare_dir(),
+        &tokenizer,
+        SENTENCE_WORDS,
+        100_000_000,
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("fewer than the 100000000 requested"),
+        "{error}"
+    );
+}
+
+#[test]
+fn parallel_layers_match_one_thread() {
+    if !require_files("parallel_layers_match_one_thread") {
+        return;
+    }
+    let r = common::resolve(&Config::default_config());
+    let hessians: Vec<(Matrix, Hessian)> = calibration()
+        .layers()
+        .iter()
+        .map(|a| {
+            (
+                model().linear_weight(a.layer()).unwrap(),
+                a.hessian().unwrap(),
+            )
+        })
+        .collect();
+    let layers: Vec<(&Matrix, &Hessian)> = hessians.iter().map(|(w, h)| (w, h)).collect();
+    let options = GptqOptions::default();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let count = |_: usize| {
+        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    let one = gptq::quantize_layers(&layers, &r, &options, Factorizer::Blocked, 1, &count);
+    let two = gptq::quantize_layers(&layers, &r, &options, Factorizer::Blocked, 2, &count);
+    let many = gptq::quantize_layers(&layers, &r, &options, Factorizer::Blocked, 64, &count);
+    assert_eq!(done.into_inner(), 3 * layers.len());
+    for (index, (weights, h)) in layers.iter().enumerate() {
+        let (expected, expected_info) = quantize_gptq(weights, h, &r, &options);
+        for (threads, results) in [(1, &one), (2, &two), (64, &many)] {
+            let (layer, info, _) = results[index].as_ref().unwrap();
+            let label = format!("{} on {threads} threads", weights.name);
+            assert_same_layer(layer, &expected, &r, &label);
+            assert_eq!(*info, expected_info, "{label}");
+        }
+    }
 }
