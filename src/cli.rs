@@ -486,6 +486,7 @@ fn quantize(args: QuantizeArgs) -> Result<i32, String> {
             ("outliers", stats.outliers.to_string()),
             ("pruned", stats.pruned.to_string()),
             ("demoted (unroutable)", stats.demoted.to_string()),
+            ("re-paired micro-blocks", stats.repaired.to_string()),
             ("relative error", format!("{:.5}", stats.relative_error)),
             ("image", args.out.display().to_string()),
         ]);
@@ -501,6 +502,8 @@ struct SetLayer {
     shape: [usize; 2],
     ebw: f64,
     outliers: usize,
+    demoted: usize,
+    repaired: usize,
     relative_error: f64,
     cycles_predicted: u64,
 }
@@ -528,12 +531,20 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
             shape: item.manifest.shape,
             ebw: item.manifest.ebw,
             outliers: item.layer.stats.outliers,
+            demoted: item.layer.stats.demoted,
+            repaired: item.layer.stats.repaired,
             relative_error: item.layer.stats.relative_error,
             cycles_predicted: item.manifest.cycles_predicted,
         })
         .collect();
     let total_bits: u64 = items.iter().map(|i| i.manifest.weight_image_bits).sum();
     let total_weights: usize = items.iter().map(|i| i.manifest.shape[0] * i.manifest.shape[1]).sum();
+    let mut routing = vec![quantizer::RoutingCounts::default(); r.max_pairs + 1];
+    for item in &items {
+        for (sum, counts) in routing.iter_mut().zip(&item.layer.stats.routing) {
+            sum.add(counts);
+        }
+    }
     let set_manifest = serde_json::json!({
         "format_version": image::FORMAT_VERSION,
         "generator_version": generator::VERSION,
@@ -541,6 +552,7 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
         "model": format!("{:?}", args.model).to_lowercase(),
         "weights": total_weights,
         "ebw": total_bits as f64 / total_weights as f64,
+        "routing": routing,
         "layers": entries,
     });
     let text = serde_json::to_string_pretty(&set_manifest).expect("manifest serialises");
@@ -560,10 +572,24 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
         for e in &entries {
             println!("  {:<48} {:>12} {:>7.3} {:>9}", e.tensor, format!("{}x{}", e.shape[0], e.shape[1]), e.ebw, e.outliers);
         }
+        print_routing(&routing);
         println!("  {} layers, {} weights, EBW {:.3}; image set in {}", entries.len(), total_weights, set_manifest["ebw"].as_f64().unwrap_or(0.0), args.out.display());
         println!("  simulate one layer with: microscopiq simulate --image {}/{}", args.out.display(), entries[0].folder);
     }
     Ok(0)
+}
+
+/// Prints the routing outcomes of all layers by number of outlier candidates per micro-block.
+fn print_routing(routing: &[quantizer::RoutingCounts]) {
+    println!();
+    println!("  {:>10} {:>12} {:>15} {:>10} {:>10}", "candidates", "micro-blocks", "routed at once", "re-paired", "demoted");
+    for (candidates, counts) in routing.iter().enumerate() {
+        println!(
+            "  {:>10} {:>12} {:>15} {:>10} {:>10}",
+            candidates, counts.ublocks, counts.routed_at_once, counts.repaired, counts.demoted
+        );
+    }
+    println!();
 }
 
 fn write_dequant(path: &Path, layer: &quantizer::QuantizedLayer) -> std::io::Result<()> {

@@ -162,6 +162,8 @@ pub struct RunReport {
     pub outliers: usize,
     pub pruned: usize,
     pub demoted: usize,
+    /// Micro-blocks whose outliers were re-paired with other pruned lanes so that they route.
+    pub repaired: usize,
     pub flagged_ublocks: usize,
     pub relative_error: f64,
     /// Tiles of the layer (column tiles x row tiles).
@@ -251,6 +253,7 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         outliers: layer.stats.outliers,
         pruned: layer.stats.pruned,
         demoted: layer.stats.demoted,
+        repaired: layer.stats.repaired,
         flagged_ublocks: layer.stats.flagged_ublocks,
         relative_error: layer.stats.relative_error,
         tiles: image.n_tiles * image.k_tiles,
