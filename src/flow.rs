@@ -207,7 +207,20 @@ impl Default for RunOptions {
 
 /// Quantizes `weights`, checks the image against the quantizer and the golden model against
 /// an exact GEMM, simulates the RTL and compares it with the golden model.
+///
+/// `progress` receives the name of each step.
 pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn Fn(&str)) -> Result<RunReport, String> {
+    run_with_progress(r, weights, options, progress, &|_| {})
+}
+
+/// Runs [`run`] and also passes the simulation's events to `sim_progress`.
+pub fn run_with_progress(
+    r: &Resolved,
+    weights: &Matrix,
+    options: &RunOptions,
+    progress: &dyn Fn(&str),
+    sim_progress: &dyn Fn(simulation::SimEvent),
+) -> Result<RunReport, String> {
     progress("quantizing");
     let layer = match &options.hessian {
         Some(h) => {
@@ -233,12 +246,14 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         coverage: options.coverage,
         ..SimOptions::default()
     };
-    let sim = simulation::simulate(r, &image, prediction.cycles, &sim_options).map_err(|e| e.to_string())?;
+    let sim = simulation::simulate_with_progress(r, &image, prediction.cycles, &sim_options, sim_progress)
+        .map_err(|e| e.to_string())?;
     let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
     if !comparison.passed() && !options.trace {
         progress("simulating again with waveforms (waves.fst) for the mismatch");
         let retrace = SimOptions { work_dir: Some(sim.work_dir.clone()), trace: true, ..SimOptions::default() };
-        simulation::simulate(r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
+        simulation::simulate_with_progress(r, &image, prediction.cycles, &retrace, sim_progress)
+            .map_err(|e| e.to_string())?;
     }
     let coverage = if options.coverage { simulation::coverage_summary(&sim.work_dir) } else { None };
     let keep = options.work_dir.is_some() || !comparison.passed() || options.trace || options.coverage;
