@@ -417,7 +417,7 @@ pub fn plan_micro_block(values: Vec<f64>, real: Vec<bool>, stats: (f64, f64), u:
 
 /// Upper bound on the pruned-lane sets that [`route_least_salient`] tries for one set of
 /// outliers. The first set costs nothing extra, and each further one that fails costs a full
-/// router search (up to [`recon::MAX_ROUTE_ATTEMPTS`] candidates).
+/// router search (up to [`recon::MAX_ROUTE_PLACEMENTS`] path placements).
 pub const MAX_PRUNED_SETS: usize = 64;
 
 /// Pruned lanes that ReCoN can pair with a micro-block's outliers, as chosen by
