@@ -2,6 +2,10 @@
 // Testbench: loads the memory images with $readmemh, runs one layer and writes every output
 // and the cycle count to outputs.txt. Cycle 0 is the cycle in which start is high; cycle n is
 // sampled at the falling edge n clock periods later.
+//
+// Every PROGRESS_EVERY output lines, and after the last one, it prints
+// "msq_progress <lines written> <lines expected> <cycle>" to stdout and flushes it, so that
+// the host can show progress while the simulation runs. 0 turns the lines off.
 module msq_tb;
 
   localparam int ROW_DEPTH = {= tb.row_depth =};
@@ -9,6 +13,8 @@ module msq_tb;
 {% endif %}{% if ctx.has_sharing %}  localparam int HDR_DEPTH = {= tb.hdr_depth =};
 {% endif %}  localparam int ACT_DEPTH = {= tb.act_depth =};
   localparam int MAX_CYCLES = {= tb.max_cycles =};
+  localparam int OUTPUT_LINES = {= tb.tiles * tb.vectors =};
+  localparam int PROGRESS_EVERY = {= tb.progress_every =};
 
   logic clk = 1'b0;
   logic rst_n = 1'b0;
@@ -68,6 +74,7 @@ module msq_tb;
 
   int fd;
   int cycle;
+  int lines;
   logic finished;
   initial begin
     $readmemh("rows.hex", row_mem);
@@ -81,12 +88,20 @@ module msq_tb;
     @(negedge clk);
     start = 1'b1;
     cycle = 0;
+    lines = 0;
     finished = 1'b0;
     while (!finished) begin
       @(negedge clk);
       start = 1'b0;
       cycle = cycle + 1;
-      if (out_valid) $fwrite(fd, "%0d %h\n", cycle, out_psum);
+      if (out_valid) begin
+        $fwrite(fd, "%0d %h\n", cycle, out_psum);
+        lines = lines + 1;
+        if (PROGRESS_EVERY > 0 && (lines % PROGRESS_EVERY == 0 || lines == OUTPUT_LINES)) begin
+          $display("msq_progress %0d %0d %0d", lines, OUTPUT_LINES, cycle);
+          $fflush();
+        end
+      end
       if (done) begin
         finished = 1'b1;
       end else if (cycle > MAX_CYCLES) begin

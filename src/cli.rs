@@ -1,7 +1,9 @@
 //! Command-line interface: argument parsing and the output of each command.
 
+use std::cell::{Cell, RefCell};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -440,6 +442,104 @@ fn spinner(json: bool) -> ProgressBar {
     bar
 }
 
+/// Time between two plain progress lines when stderr is not a terminal.
+const PLAIN_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Shows a simulation's progress on the command's spinner `bar`.
+///
+/// While the simulator compiles, the bar spins. While it runs, the bar shows passes done of
+/// all passes, with rate and ETA. When stderr is not a terminal, indicatif draws nothing, so
+/// a plain line goes to stderr at most every [`PLAIN_PROGRESS_INTERVAL`] instead. With
+/// `--json` nothing is shown.
+struct SimulationProgress {
+    bar: ProgressBar,
+    plain: Option<RefCell<PlainProgress>>,
+    vectors: Cell<usize>,
+}
+
+impl SimulationProgress {
+    fn new(bar: &ProgressBar, json: bool) -> SimulationProgress {
+        let plain = (!json && !std::io::stderr().is_terminal())
+            .then(|| RefCell::new(PlainProgress::new(PLAIN_PROGRESS_INTERVAL)));
+        SimulationProgress { bar: bar.clone(), plain, vectors: Cell::new(1) }
+    }
+
+    fn show(&self, event: simulation::SimEvent) {
+        use simulation::SimEvent;
+        match event {
+            SimEvent::Building(simulator) => {
+                self.bar.set_message(format!("compiling the RTL for {simulator:?}"));
+                self.bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("valid template"));
+            }
+            SimEvent::Running { simulator, passes, vectors } => {
+                self.vectors.set(vectors.max(1));
+                self.bar.set_message(format!("simulating with {simulator:?}"));
+                self.bar.set_style(
+                    ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} passes, {per_sec}, ETA {eta} {msg}")
+                        .expect("valid template"),
+                );
+                self.bar.set_length(passes as u64);
+                self.bar.set_position(0);
+                self.bar.reset_eta();
+            }
+            SimEvent::Progress(step) => {
+                self.bar.set_position(step.lines / self.vectors.get() as u64);
+            }
+        }
+        if let Some(plain) = &self.plain {
+            if let Some(line) = plain.borrow_mut().line(event, Instant::now()) {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Plain progress lines for a stderr that is not a terminal: at most one per `interval`, so
+/// a run shorter than `interval` prints none.
+struct PlainProgress {
+    interval: Duration,
+    started: Option<Instant>,
+    last_line: Option<Instant>,
+    vectors: u64,
+}
+
+impl PlainProgress {
+    fn new(interval: Duration) -> PlainProgress {
+        PlainProgress { interval, started: None, last_line: None, vectors: 1 }
+    }
+
+    /// Takes one event seen at `now` and returns the line to print, if one is due.
+    fn line(&mut self, event: simulation::SimEvent, now: Instant) -> Option<String> {
+        use simulation::SimEvent;
+        let step = match event {
+            SimEvent::Building(_) => return None,
+            SimEvent::Running { vectors, .. } => {
+                self.started = Some(now);
+                self.last_line = Some(now);
+                self.vectors = vectors.max(1) as u64;
+                return None;
+            }
+            SimEvent::Progress(step) => step,
+        };
+        let (started, last_line) = (self.started?, self.last_line?);
+        if now.duration_since(last_line) < self.interval {
+            return None;
+        }
+        self.last_line = Some(now);
+        let done = step.lines / self.vectors;
+        let total = step.total / self.vectors;
+        let seconds = now.duration_since(started).as_secs_f64();
+        let rate = if seconds > 0.0 { done as f64 / seconds } else { 0.0 };
+        let percent = if total > 0 { 100.0 * done as f64 / total as f64 } else { 100.0 };
+        let left = if rate > 0.0 {
+            format!("about {} left", indicatif::HumanDuration(Duration::from_secs_f64(total.saturating_sub(done) as f64 / rate)))
+        } else {
+            "time left unknown".to_string()
+        };
+        Some(format!("simulation: {done}/{total} passes ({percent:.1}%), {rate:.1} passes/s, {left}"))
+    }
+}
+
 /// Manifest written next to an image.
 #[derive(Serialize)]
 struct Manifest {
@@ -573,6 +673,7 @@ fn quantize(args: QuantizeArgs) -> Result<i32, String> {
             ("outliers", stats.outliers.to_string()),
             ("pruned", stats.pruned.to_string()),
             ("demoted (unroutable)", stats.demoted.to_string()),
+            ("re-paired micro-blocks", stats.repaired.to_string()),
             ("relative error", format!("{:.5}", stats.relative_error)),
             ("image", args.out.display().to_string()),
         ]);
@@ -588,6 +689,8 @@ struct SetLayer {
     shape: [usize; 2],
     ebw: f64,
     outliers: usize,
+    demoted: usize,
+    repaired: usize,
     relative_error: f64,
     cycles_predicted: u64,
 }
@@ -615,12 +718,20 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
             shape: item.manifest.shape,
             ebw: item.manifest.ebw,
             outliers: item.layer.stats.outliers,
+            demoted: item.layer.stats.demoted,
+            repaired: item.layer.stats.repaired,
             relative_error: item.layer.stats.relative_error,
             cycles_predicted: item.manifest.cycles_predicted,
         })
         .collect();
     let total_bits: u64 = items.iter().map(|i| i.manifest.weight_image_bits).sum();
     let total_weights: usize = items.iter().map(|i| i.manifest.shape[0] * i.manifest.shape[1]).sum();
+    let mut routing = vec![quantizer::RoutingCounts::default(); r.max_pairs + 1];
+    for item in &items {
+        for (sum, counts) in routing.iter_mut().zip(&item.layer.stats.routing) {
+            sum.add(counts);
+        }
+    }
     let set_manifest = serde_json::json!({
         "format_version": image::FORMAT_VERSION,
         "generator_version": generator::VERSION,
@@ -628,6 +739,7 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
         "model": format!("{:?}", args.model).to_lowercase(),
         "weights": total_weights,
         "ebw": total_bits as f64 / total_weights as f64,
+        "routing": routing,
         "layers": entries,
     });
     let text = serde_json::to_string_pretty(&set_manifest).expect("manifest serialises");
@@ -647,10 +759,24 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
         for e in &entries {
             println!("  {:<48} {:>12} {:>7.3} {:>9}", e.tensor, format!("{}x{}", e.shape[0], e.shape[1]), e.ebw, e.outliers);
         }
+        print_routing(&routing);
         println!("  {} layers, {} weights, EBW {:.3}; image set in {}", entries.len(), total_weights, set_manifest["ebw"].as_f64().unwrap_or(0.0), args.out.display());
         println!("  simulate one layer with: microscopiq simulate --image {}/{}", args.out.display(), entries[0].folder);
     }
     Ok(0)
+}
+
+/// Prints the routing outcomes of all layers by number of outlier candidates per micro-block.
+fn print_routing(routing: &[quantizer::RoutingCounts]) {
+    println!();
+    println!("  {:>10} {:>12} {:>15} {:>10} {:>10}", "candidates", "micro-blocks", "routed at once", "re-paired", "demoted");
+    for (candidates, counts) in routing.iter().enumerate() {
+        println!(
+            "  {:>10} {:>12} {:>15} {:>10} {:>10}",
+            candidates, counts.ublocks, counts.routed_at_once, counts.repaired, counts.demoted
+        );
+    }
+    println!();
 }
 
 fn write_dequant(path: &Path, layer: &quantizer::QuantizedLayer) -> std::io::Result<()> {
@@ -750,15 +876,16 @@ fn simulate(args: SimulateArgs) -> Result<i32, String> {
         SimulatorArg::Verilator => simulation::Simulator::Verilator,
         SimulatorArg::Icarus => simulation::Simulator::Icarus,
     };
-    bar.set_message(format!("building and running the RTL with {simulator:?}"));
+    let simulation_progress = SimulationProgress::new(&bar, args.json);
     let options = simulation::SimOptions { work_dir: args.keep.clone(), simulator, trace: args.trace, coverage: args.coverage };
-    let sim = simulation::simulate(&r, &image, prediction.cycles, &options)
+    let sim = simulation::simulate_with_progress(&r, &image, prediction.cycles, &options, &|event| simulation_progress.show(event))
         .map_err(|e| e.to_string())?;
     let comparison = simulation::compare(&prediction, &sim, image.vectors);
     if !comparison.passed() && !args.trace {
         bar.set_message("simulating again with waveforms (waves.fst) for the mismatch");
         let retrace = simulation::SimOptions { work_dir: Some(sim.work_dir.clone()), simulator, trace: true, coverage: false };
-        simulation::simulate(&r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
+        simulation::simulate_with_progress(&r, &image, prediction.cycles, &retrace, &|event| simulation_progress.show(event))
+            .map_err(|e| e.to_string())?;
     }
     bar.finish_and_clear();
     if args.coverage {
@@ -827,7 +954,8 @@ fn run(args: RunArgs) -> Result<i32, String> {
     } else {
         None
     };
-    let report = flow::run_layer(
+    let simulation_progress = SimulationProgress::new(&bar, args.json);
+    let report = flow::run_layer_with_progress(
         &array,
         &r,
         &weights,
@@ -841,6 +969,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             hessian,
         },
         &|step| bar.set_message(step.to_string()),
+        &|event| simulation_progress.show(event),
     )?;
     bar.finish_and_clear();
     let passed = report.mismatches == 0 && report.cycles == report.cycles_predicted;
@@ -1031,5 +1160,32 @@ pub fn print_table(rows: &[(&str, String)]) {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in rows {
         println!("  {key:<width$}  {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulation::{SimEvent, SimProgress, Simulator};
+
+    fn progress(lines: u64) -> SimEvent {
+        SimEvent::Progress(SimProgress { lines, total: 400, cycle: lines + 20 })
+    }
+
+    #[test]
+    fn plain_progress_waits_for_interval() {
+        let mut plain = PlainProgress::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(plain.line(SimEvent::Building(Simulator::Verilator), start), None);
+        assert_eq!(plain.line(progress(40), start), None, "a line before the run started");
+        let running = SimEvent::Running { simulator: Simulator::Verilator, passes: 100, vectors: 4 };
+        assert_eq!(plain.line(running, start), None);
+        assert_eq!(plain.line(progress(40), start + Duration::from_secs(9)), None, "a line before the interval");
+
+        let first = plain.line(progress(80), start + Duration::from_secs(10));
+        assert_eq!(first.as_deref(), Some("simulation: 20/100 passes (20.0%), 2.0 passes/s, about 40 seconds left"));
+        assert_eq!(plain.line(progress(120), start + Duration::from_secs(15)), None, "two lines within one interval");
+        let second = plain.line(progress(400), start + Duration::from_secs(20));
+        assert_eq!(second.as_deref(), Some("simulation: 100/100 passes (100.0%), 5.0 passes/s, about 0 seconds left"));
     }
 }

@@ -165,6 +165,8 @@ pub struct RunReport {
     pub outliers: usize,
     pub pruned: usize,
     pub demoted: usize,
+    /// Micro-blocks whose outliers were re-paired with other pruned lanes so that they route.
+    pub repaired: usize,
     pub flagged_ublocks: usize,
     pub relative_error: f64,
     /// Tiles of the layer (column tiles x row tiles).
@@ -208,8 +210,21 @@ impl Default for RunOptions {
 
 /// Quantizes `weights`, checks the image against the quantizer and the golden model against
 /// an exact GEMM, simulates the RTL and compares it with the golden model.
+///
+/// `progress` receives the name of each step.
 pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn Fn(&str)) -> Result<RunReport, String> {
-    run_layer(r, r, weights, options, progress)
+    run_layer_with_progress(r, r, weights, options, progress, &|_| {})
+}
+
+/// Runs [`run`] and also passes the simulation's events to `sim_progress`.
+pub fn run_with_progress(
+    r: &Resolved,
+    weights: &Matrix,
+    options: &RunOptions,
+    progress: &dyn Fn(&str),
+    sim_progress: &dyn Fn(simulation::SimEvent),
+) -> Result<RunReport, String> {
+    run_layer_with_progress(r, r, weights, options, progress, sim_progress)
 }
 
 /// Runs [`run`] for a layer of configuration `r` on the array `design`: `r` is `design`
@@ -220,6 +235,18 @@ pub fn run_layer(
     weights: &Matrix,
     options: &RunOptions,
     progress: &dyn Fn(&str),
+) -> Result<RunReport, String> {
+    run_layer_with_progress(design, r, weights, options, progress, &|_| {})
+}
+
+/// Runs [`run_layer`] and also passes the simulation's events to `sim_progress`.
+pub fn run_layer_with_progress(
+    design: &Resolved,
+    r: &Resolved,
+    weights: &Matrix,
+    options: &RunOptions,
+    progress: &dyn Fn(&str),
+    sim_progress: &dyn Fn(simulation::SimEvent),
 ) -> Result<RunReport, String> {
     progress("quantizing");
     let layer = match &options.hessian {
@@ -246,12 +273,14 @@ pub fn run_layer(
         coverage: options.coverage,
         ..SimOptions::default()
     };
-    let sim = simulation::simulate_layer(design, r, &image, prediction.cycles, &sim_options).map_err(|e| e.to_string())?;
+    let sim = simulation::simulate_layer_with_progress(design, r, &image, prediction.cycles, &sim_options, sim_progress)
+        .map_err(|e| e.to_string())?;
     let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
     if !comparison.passed() && !options.trace {
         progress("simulating again with waveforms (waves.fst) for the mismatch");
         let retrace = SimOptions { work_dir: Some(sim.work_dir.clone()), trace: true, ..SimOptions::default() };
-        simulation::simulate_layer(design, r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
+        simulation::simulate_layer_with_progress(design, r, &image, prediction.cycles, &retrace, sim_progress)
+            .map_err(|e| e.to_string())?;
     }
     let coverage = if options.coverage { simulation::coverage_summary(&sim.work_dir) } else { None };
     let keep = options.work_dir.is_some() || !comparison.passed() || options.trace || options.coverage;
@@ -267,6 +296,7 @@ pub fn run_layer(
         outliers: layer.stats.outliers,
         pruned: layer.stats.pruned,
         demoted: layer.stats.demoted,
+        repaired: layer.stats.repaired,
         flagged_ublocks: layer.stats.flagged_ublocks,
         relative_error: layer.stats.relative_error,
         tiles: image.n_tiles * image.k_tiles,

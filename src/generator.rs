@@ -321,6 +321,8 @@ pub struct TestbenchParams {
     pub k_tiles: usize,
     pub vectors: usize,
     pub max_cycles: u64,
+    /// Output lines between two progress lines on stdout; 0 prints none.
+    pub progress_every: usize,
 }
 
 macro_rules! rtl_template {

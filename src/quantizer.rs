@@ -41,8 +41,12 @@ pub struct LayerStats {
     pub outliers: usize,
     /// Inliers pruned to host outlier bits (equal to `outliers`).
     pub pruned: usize,
-    /// Outliers demoted to inliers because ReCoN could not merge their micro-block in one pass.
+    /// Outliers demoted to inliers because ReCoN could not merge their micro-block in one
+    /// pass with any pruned set that the quantizer tried.
     pub demoted: usize,
+    /// Micro-blocks whose pruned lanes are not the least salient inliers, because ReCoN could
+    /// not merge those in one pass and another set routed.
+    pub repaired: usize,
     /// Outliers whose exponent offset was clamped to the stored range.
     pub offset_clamped: usize,
     /// Micro-blocks holding at least one pair.
@@ -51,8 +55,33 @@ pub struct LayerStats {
     pub ublocks: usize,
     /// Micro-blocks by number of pairs (index = pairs).
     pub pairs_histogram: Vec<usize>,
+    /// Routing outcomes by number of outlier candidates before demotion (index = candidates).
+    pub routing: Vec<RoutingCounts>,
     /// ||W - Q(W)||_F / ||W||_F over the original weights.
     pub relative_error: f64,
+}
+
+/// Routing outcomes of the micro-blocks that share one number of outlier candidates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoutingCounts {
+    /// Micro-blocks with this many outlier candidates.
+    pub ublocks: usize,
+    /// Micro-blocks whose least salient inliers routed as the pruned lanes at once.
+    pub routed_at_once: usize,
+    /// Micro-blocks that kept every candidate because other pruned lanes routed.
+    pub repaired: usize,
+    /// Micro-blocks that demoted at least one candidate.
+    pub demoted: usize,
+}
+
+impl RoutingCounts {
+    /// Adds the counts of `other`.
+    pub fn add(&mut self, other: &RoutingCounts) {
+        self.ublocks += other.ublocks;
+        self.routed_at_once += other.routed_at_once;
+        self.repaired += other.repaired;
+        self.demoted += other.demoted;
+    }
 }
 
 /// A quantized layer: every slot code, exponent and pair, plus the dequantized weights.
@@ -104,6 +133,7 @@ impl QuantizedLayer {
                 weights: n_out * k_in,
                 ublocks: k_pad * ub_per_k,
                 pairs_histogram: vec![0; r.max_pairs + 1],
+                routing: vec![RoutingCounts::default(); r.max_pairs + 1],
                 ..LayerStats::default()
             },
         }
@@ -144,6 +174,16 @@ impl QuantizedLayer {
             }
         }
         self.stats.demoted += block.demoted;
+        self.stats.repaired += usize::from(block.repaired);
+        let routing = &mut self.stats.routing[block.candidates];
+        routing.ublocks += 1;
+        if block.demoted > 0 {
+            routing.demoted += 1;
+        } else if block.repaired {
+            routing.repaired += 1;
+        } else {
+            routing.routed_at_once += 1;
+        }
         let pairs = block.route.pairs.len();
         self.stats.pairs_histogram[pairs] += 1;
         if pairs > 0 {
@@ -259,7 +299,12 @@ pub struct MicroBlock {
     pub pruned: Vec<usize>,
     /// Pairing and ReCoN commands.
     pub route: recon::Route,
-    /// Outlier candidates dropped because their set could not be routed.
+    /// Outlier candidates detected, before any demotion (at most `max_pairs`).
+    pub candidates: usize,
+    /// The pruned lanes are not the least salient inliers, because ReCoN could not merge
+    /// those in one pass.
+    pub repaired: bool,
+    /// Outlier candidates dropped because no pruned set within the search bound routed.
     pub demoted: usize,
 }
 
@@ -337,25 +382,158 @@ pub fn outlier_candidates(values: &[f64], real: &[bool], mean: f64, std: f64, r:
 }
 
 /// Detects the outliers of one micro-block from the scope statistics `(mean, std)`, prunes
-/// as many of the least salient inliers, and routes the pairs through ReCoN.
+/// as many inliers, and routes the pairs through ReCoN.
 ///
-/// `u` contains each lane's Cholesky diagonal entry for [`least_salient`]. While ReCoN cannot
-/// merge the set in one pass, the smallest outlier is demoted to an inlier.
+/// `u` contains each lane's Cholesky diagonal entry for [`least_salient`]. The pruned lanes
+/// are the least salient inliers when ReCoN merges that set in one pass. Otherwise
+/// [`route_least_salient`] re-pairs the outliers with other inliers, and only when no set
+/// within its search bound routes is the smallest outlier demoted to an inlier.
 pub fn plan_micro_block(values: Vec<f64>, real: Vec<bool>, stats: (f64, f64), u: &[f64], r: &Resolved) -> MicroBlock {
     let (mean, std) = stats;
     let mut candidates = outlier_candidates(&values, &real, mean, std, r);
+    let detected = candidates.len();
     let mut demoted = 0;
     loop {
-        let mut pruned = least_salient(&values, u, &candidates, candidates.len());
         let mut outliers = candidates.clone();
         outliers.sort_unstable();
-        pruned.sort_unstable();
-        if let Some(route) = recon::route(r.m, &outliers, &pruned) {
-            return MicroBlock { values, real, outliers, pruned, route, demoted };
+        if let Some(choice) = route_least_salient(r.m, &values, u, &outliers) {
+            return MicroBlock {
+                values,
+                real,
+                outliers,
+                pruned: choice.pruned,
+                route: choice.route,
+                candidates: detected,
+                repaired: choice.sets_tried > 1,
+                demoted,
+            };
         }
-        // NOTE: an unroutable set loses its smallest outlier; multi-pass ReCoN would keep it.
+        // NOTE: an outlier that no pruned set within the search bound can host in one pass
+        // is demoted; multi-pass ReCoN would keep it.
         candidates.pop();
         demoted += 1;
+    }
+}
+
+/// Upper bound on the pruned-lane sets that [`route_least_salient`] tries for one set of
+/// outliers. The first set costs nothing extra, and each further one that fails costs a full
+/// router search (up to [`recon::MAX_ROUTE_PLACEMENTS`] path placements).
+pub const MAX_PRUNED_SETS: usize = 64;
+
+/// Pruned lanes that ReCoN can pair with a micro-block's outliers, as chosen by
+/// [`route_least_salient`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrunedChoice {
+    /// Pruned lanes, ascending.
+    pub pruned: Vec<usize>,
+    /// Pairing and ReCoN commands.
+    pub route: recon::Route,
+    /// Pruned sets tried, this one included (1 when the least salient set routes).
+    pub sets_tried: usize,
+}
+
+/// Chooses the pruned lanes for `outliers`: the set of `outliers.len()` inliers with the
+/// smallest total saliency whose pairs ReCoN merges in one pass.
+///
+/// Sets are tried in order of increasing total [`saliency`]. Equal totals try first the set
+/// whose lanes rank earlier in the order of [`least_salient`] (saliency, then |w|, then lane
+/// index), so the search is deterministic. The first set tried is the one [`least_salient`]
+/// returns. [`recon::route`] already tries every assignment of outliers to the pruned lanes
+/// of a set, so re-pairing only changes which lanes are pruned. Returns `None` when none of
+/// the first [`MAX_PRUNED_SETS`] sets routes.
+pub fn route_least_salient(m: usize, values: &[f64], u: &[f64], outliers: &[usize]) -> Option<PrunedChoice> {
+    let n = outliers.len();
+    let ranked = least_salient(values, u, outliers, values.len());
+    if n > ranked.len() {
+        return None;
+    }
+    let costs: Vec<f64> = ranked.iter().map(|&i| saliency(values[i], u[i])).collect();
+    let mut sets = CheapestSubsets::new(costs, n);
+    for sets_tried in 1..=MAX_PRUNED_SETS {
+        let Some(ranks) = sets.next() else { break };
+        let mut pruned: Vec<usize> = ranks.iter().map(|&rank| ranked[rank]).collect();
+        pruned.sort_unstable();
+        if let Some(route) = recon::route(m, outliers, &pruned) {
+            return Some(PrunedChoice { pruned, route, sets_tried });
+        }
+    }
+    None
+}
+
+/// A `size`-subset of ranks with its total cost, ordered by cost and then by the ranks.
+#[derive(Clone, Debug)]
+struct RankedSubset {
+    cost: f64,
+    ranks: Vec<usize>,
+}
+
+impl PartialEq for RankedSubset {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for RankedSubset {}
+
+impl PartialOrd for RankedSubset {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RankedSubset {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.cost.total_cmp(&other.cost).then_with(|| self.ranks.cmp(&other.ranks))
+    }
+}
+
+/// Enumerates the `size`-subsets of `0..costs.len()` in increasing order of total cost, with
+/// ties in lexicographic order of the ascending rank lists. `costs` must be ascending.
+///
+/// This is a best-first search from the cheapest subset {0, .., size - 1}. A successor moves
+/// one rank up by one. Its cost is not smaller, because the costs are ascending and floating
+/// point addition is monotone. Its rank list is lexicographically larger. So every subset
+/// comes after the subsets it is reached from, and the heap yields them in order.
+struct CheapestSubsets {
+    costs: Vec<f64>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<RankedSubset>>,
+    seen: std::collections::HashSet<Vec<usize>>,
+}
+
+impl CheapestSubsets {
+    fn new(costs: Vec<f64>, size: usize) -> CheapestSubsets {
+        debug_assert!(costs.windows(2).all(|w| w[0] <= w[1]), "costs must be ascending");
+        let mut subsets = CheapestSubsets { costs, heap: Default::default(), seen: Default::default() };
+        if size <= subsets.costs.len() {
+            subsets.push((0..size).collect());
+        }
+        subsets
+    }
+
+    fn push(&mut self, ranks: Vec<usize>) {
+        if self.seen.insert(ranks.clone()) {
+            // Summing in rank order makes the cost of a set independent of how it was reached.
+            let cost = ranks.iter().map(|&rank| self.costs[rank]).sum();
+            self.heap.push(std::cmp::Reverse(RankedSubset { cost, ranks }));
+        }
+    }
+}
+
+impl Iterator for CheapestSubsets {
+    type Item = Vec<usize>;
+
+    fn next(&mut self) -> Option<Vec<usize>> {
+        let std::cmp::Reverse(subset) = self.heap.pop()?;
+        let ranks = &subset.ranks;
+        for i in 0..ranks.len() {
+            let limit = ranks.get(i + 1).copied().unwrap_or(self.costs.len());
+            if ranks[i] + 1 < limit {
+                let mut successor = ranks.clone();
+                successor[i] += 1;
+                self.push(successor);
+            }
+        }
+        Some(subset.ranks)
     }
 }
 
@@ -505,4 +683,54 @@ fn encode_at(r: &Resolved, block: &MicroBlock, d: u32, e_in: i32, nat_out: Optio
         err += outlier_err;
     }
     (err, EncodedBlock { micro_exp: d, slots, values, offset_code, offset_clamped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns every `size`-subset of `0..costs.len()` sorted by (total cost, ranks).
+    fn sorted_subsets(costs: &[f64], size: usize) -> Vec<Vec<usize>> {
+        let mut subsets: Vec<(f64, Vec<usize>)> = (0u32..(1 << costs.len()))
+            .filter(|mask| mask.count_ones() as usize == size)
+            .map(|mask| {
+                let ranks: Vec<usize> = (0..costs.len()).filter(|i| mask >> i & 1 == 1).collect();
+                (ranks.iter().map(|&rank| costs[rank]).sum(), ranks)
+            })
+            .collect();
+        subsets.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        subsets.into_iter().map(|(_, ranks)| ranks).collect()
+    }
+
+    #[test]
+    fn cheapest_subsets_follow_cost_order() {
+        let cases: [&[f64]; 4] = [
+            &[0.0, 0.0, 1.0, 1.0, 1.0, 4.0, 9.0, 9.0],
+            &[0.01, 0.02, 0.5, 0.51, 0.7, 1.9, 2.0, 2.0, 2.5, 7.0],
+            &[1.0; 7],
+            &[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5],
+        ];
+        for costs in cases {
+            for size in 0..=costs.len() {
+                let expected = sorted_subsets(costs, size);
+                let got: Vec<Vec<usize>> = CheapestSubsets::new(costs.to_vec(), size).collect();
+                assert_eq!(got, expected, "costs {costs:?}, size {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn cheapest_subsets_larger_than_pool() {
+        assert_eq!(CheapestSubsets::new(vec![1.0, 2.0], 3).count(), 0);
+    }
+
+    #[test]
+    fn least_salient_set_is_tried_first() {
+        let values = [0.9, -0.05, 0.3, 1.2, -0.01, 0.2, 0.02, -0.7];
+        let u = [1.0; 8];
+        let outliers = [0, 3];
+        let choice = route_least_salient(8, &values, &u, &outliers).expect("every pair set of 8 lanes routes");
+        assert_eq!(choice.sets_tried, 1);
+        assert_eq!(choice.pruned, [4, 6]);
+    }
 }

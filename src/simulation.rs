@@ -2,8 +2,9 @@
 //! an image and compares every output and the cycle count with the golden model.
 
 use std::fmt;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use crate::bits::{index_bits, sign_extend, BitWord};
 use crate::config::Resolved;
@@ -50,16 +51,53 @@ pub fn verilator_version() -> Result<String, SimError> {
 }
 
 fn run_checked(cmd: &mut Command, what: &str, log: &Path) -> Result<(), SimError> {
-    let out = cmd.output().map_err(|e| SimError(format!("failed to start {what}: {e}")))?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    run_streaming(cmd, what, log, &mut |_| {})
+}
+
+/// Runs `cmd` like [`run_checked`] and passes each line of its stdout to `on_line` as the
+/// process writes it.
+///
+/// stderr is collected by a second thread, so a process that fills the stderr pipe cannot
+/// block. The log contains stdout followed by stderr.
+fn run_streaming(cmd: &mut Command, what: &str, log: &Path, on_line: &mut dyn FnMut(&str)) -> Result<(), SimError> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| SimError(format!("failed to start {what}: {e}")))?;
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let stderr_reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr.read_to_end(&mut bytes);
+        bytes
+    });
+    let mut text = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match stdout.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                let decoded = String::from_utf8_lossy(&line);
+                on_line(decoded.trim_end_matches(['\n', '\r']));
+                text.push_str(&decoded);
+            }
+            Err(e) => {
+                text.push_str(&format!("(reading the output of {what} failed: {e})\n"));
+                break;
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| SimError(format!("failed to wait for {what}: {e}")))?;
+    text.push_str(&String::from_utf8_lossy(&stderr_reader.join().unwrap_or_default()));
     let _ = std::fs::write(log, &text);
-    if !out.status.success() {
+    if !status.success() {
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(SimError(format!(
             "{what} failed ({}); log in {}:\n{}",
-            out.status,
+            status,
             log.display(),
             tail.join("\n")
         )));
@@ -96,7 +134,53 @@ pub fn testbench_params(r: &Resolved, image: &Image, predicted_cycles: u64, wide
         vectors: image.vectors,
         max_cycles: predicted_cycles * 2 + 1000,
         wide,
+        progress_every: progress_interval(image.tiles() * image.vectors),
     }
+}
+
+/// Maximum progress lines that the testbench prints in one run, whatever its length.
+pub const MAX_PROGRESS_LINES: usize = 100;
+
+/// Output lines between two progress lines of the testbench for a run of `output_lines`
+/// lines, so that it prints at most [`MAX_PROGRESS_LINES`], the last one after the last
+/// output line.
+pub fn progress_interval(output_lines: usize) -> usize {
+    output_lines.div_ceil(MAX_PROGRESS_LINES).max(1)
+}
+
+/// A step of [`simulate_with_progress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimEvent {
+    /// The simulator starts compiling the design and the testbench.
+    Building(Simulator),
+    /// The compiled simulation starts: `passes` passes of `vectors` output lines each.
+    Running { simulator: Simulator, passes: usize, vectors: usize },
+    /// The testbench has written `lines` of `total` output lines, the last one at `cycle`.
+    Progress(SimProgress),
+}
+
+/// One progress line of the testbench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimProgress {
+    /// Output lines written so far.
+    pub lines: u64,
+    /// Output lines of the whole run (passes times vectors).
+    pub total: u64,
+    /// Cycle of the last output line written.
+    pub cycle: u64,
+}
+
+/// Parses a testbench progress line, "msq_progress <lines> <total> <cycle>".
+///
+/// Returns `None` for every other line, such as the simulator's own messages.
+pub fn parse_progress(line: &str) -> Option<SimProgress> {
+    let mut parts = line.split_whitespace();
+    if parts.next()? != "msq_progress" {
+        return None;
+    }
+    let mut number = || parts.next()?.parse::<u64>().ok();
+    let progress = SimProgress { lines: number()?, total: number()?, cycle: number()? };
+    parts.next().is_none().then_some(progress)
 }
 
 /// C++ main for coverage builds. Verilator 5.006's generated `--main` does not write the
@@ -172,6 +256,18 @@ pub fn simulate(r: &Resolved, image: &Image, predicted_cycles: u64, options: &Si
     simulate_layer(r, r, image, predicted_cycles, options)
 }
 
+/// Runs [`simulate`] and reports its steps and the testbench's progress lines to `progress`
+/// while the simulator runs.
+pub fn simulate_with_progress(
+    r: &Resolved,
+    image: &Image,
+    predicted_cycles: u64,
+    options: &SimOptions,
+    progress: &dyn Fn(SimEvent),
+) -> Result<SimResult, SimError> {
+    simulate_layer_with_progress(r, r, image, predicted_cycles, options, progress)
+}
+
 /// Generates, builds and runs the RTL of the array `design` on `image`, an image of layer
 /// configuration `layer`: `design` itself, or its 2b-bit layers on a multi-precision array.
 ///
@@ -182,6 +278,18 @@ pub fn simulate_layer(
     image: &Image,
     predicted_cycles: u64,
     options: &SimOptions,
+) -> Result<SimResult, SimError> {
+    simulate_layer_with_progress(design, layer, image, predicted_cycles, options, &|_| {})
+}
+
+/// Runs [`simulate_layer`] and reports progress as [`simulate_with_progress`] does.
+pub fn simulate_layer_with_progress(
+    design: &Resolved,
+    layer: &Resolved,
+    image: &Image,
+    predicted_cycles: u64,
+    options: &SimOptions,
+    progress: &dyn Fn(SimEvent),
 ) -> Result<SimResult, SimError> {
     let r = design;
     let wide = layer.b != design.b;
@@ -234,6 +342,13 @@ pub fn simulate_layer(
     generator::write_files(&work_dir, &files).map_err(io_err)?;
     image::write_hex_files(&work_dir, image).map_err(io_err)?;
 
+    progress(SimEvent::Building(options.simulator));
+    let running = SimEvent::Running { simulator: options.simulator, passes: image.tiles(), vectors: image.vectors };
+    let mut on_line = |line: &str| {
+        if let Some(step) = parse_progress(line) {
+            progress(SimEvent::Progress(step));
+        }
+    };
     match options.simulator {
         Simulator::Verilator => {
             let mut build = Command::new(tool);
@@ -261,7 +376,8 @@ pub fn simulate_layer(
             run_checked(&mut build, "verilator --binary", &work_dir.join("build.log"))?;
             let mut run = Command::new(work_dir.join("obj/msq_sim"));
             run.current_dir(&work_dir);
-            run_checked(&mut run, "simulation", &work_dir.join("run.log"))?;
+            progress(running);
+            run_streaming(&mut run, "simulation", &work_dir.join("run.log"), &mut on_line)?;
             if options.coverage {
                 let coverage_tool = find_tool("verilator_coverage")?;
                 let mut annotate = Command::new(coverage_tool);
@@ -288,7 +404,8 @@ pub fn simulate_layer(
             if options.trace {
                 run.arg("-fst");
             }
-            run_checked(&mut run, "vvp", &work_dir.join("run.log"))?;
+            progress(running);
+            run_streaming(&mut run, "vvp", &work_dir.join("run.log"), &mut on_line)?;
         }
     }
 
@@ -390,4 +507,36 @@ pub fn compare(prediction: &Prediction, sim: &SimResult, vectors: usize) -> Comp
         }
     }
     Comparison { compared, mismatches, first, cycles: sim.cycles, cycles_predicted: prediction.cycles }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_parses() {
+        let expected = SimProgress { lines: 12, total: 96, cycle: 140 };
+        assert_eq!(parse_progress("msq_progress 12 96 140"), Some(expected));
+        assert_eq!(parse_progress("msq_progress 12 96 140  "), Some(expected));
+    }
+
+    #[test]
+    fn other_lines_are_not_progress() {
+        for line in ["- msq_tb.sv:127: Verilog $finish", "msq_progress 12 96", "msq_progress 12 96 140 7", "msq_progress a 96 140", ""] {
+            assert_eq!(parse_progress(line), None, "`{line}`");
+        }
+    }
+
+    #[test]
+    fn progress_interval_bounds_lines() {
+        assert_eq!(progress_interval(0), 1);
+        assert_eq!(progress_interval(75), 1);
+        assert_eq!(progress_interval(100), 1);
+        assert_eq!(progress_interval(101), 2);
+        assert_eq!(progress_interval(147_456), 1475);
+        for total in [1usize, 99, 100, 101, 999, 147_456] {
+            let lines = total.div_ceil(progress_interval(total));
+            assert!(lines <= MAX_PROGRESS_LINES, "{total} output lines give {lines} progress lines");
+        }
+    }
 }
