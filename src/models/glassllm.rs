@@ -368,7 +368,7 @@ impl GlassLlm {
         )
     }
 
-    /// Number of transformer blocks.
+    /// Returns the number of transformer blocks.
     pub fn block_count(&self) -> usize {
         self.blocks.len()
     }

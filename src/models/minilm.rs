@@ -489,7 +489,7 @@ impl MiniLm {
         hidden_states
     }
 
-    /// Number of encoder layers.
+    /// Returns the number of encoder layers.
     pub fn encoder_layer_count(&self) -> usize {
         self.layers.len()
     }
