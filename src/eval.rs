@@ -27,6 +27,7 @@ use std::sync::Arc;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Serialize, Serializer};
 
+use crate::calibration::LinearModel;
 use crate::config::{Config, Overrides, Resolved};
 use crate::formats::{quantize_mx_fp_block, FpKind, Rounding};
 use crate::gptq::{self, GptqOptions};
@@ -427,42 +428,6 @@ pub fn evaluate(model: EvalModel, options: &EvalOptions, progress: &MultiProgres
     match model {
         EvalModel::GlassLlm => evaluate_glassllm(options, progress),
         EvalModel::MiniLm => evaluate_minilm(options, progress),
-    }
-}
-
-/// The operations on a model's linear layers that the evaluation needs.
-trait LinearModel: Clone + Sync {
-    /// Names, `[out, in]` shapes, in execution order.
-    fn layers(&self) -> Vec<(String, usize, usize)>;
-    fn weight(&self, name: &str) -> Matrix;
-    fn set_weight(&mut self, name: &str, weight: &Matrix) -> Result<(), String>;
-}
-
-impl LinearModel for GlassLlm {
-    fn layers(&self) -> Vec<(String, usize, usize)> {
-        self.linear_layers()
-    }
-
-    fn weight(&self, name: &str) -> Matrix {
-        self.linear_weight(name).expect("name comes from linear_layers")
-    }
-
-    fn set_weight(&mut self, name: &str, weight: &Matrix) -> Result<(), String> {
-        self.set_linear_weight(name, weight).map_err(|e| e.to_string())
-    }
-}
-
-impl LinearModel for MiniLm {
-    fn layers(&self) -> Vec<(String, usize, usize)> {
-        self.linear_layers()
-    }
-
-    fn weight(&self, name: &str) -> Matrix {
-        self.linear_weight(name).expect("name comes from linear_layers")
-    }
-
-    fn set_weight(&mut self, name: &str, weight: &Matrix) -> Result<(), String> {
-        self.set_linear_weight(name, weight).map_err(|e| e.to_string())
     }
 }
 

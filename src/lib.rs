@@ -5,6 +5,7 @@
 //! integer-exact golden model, and checks generated RTL against that model with Verilator.
 
 pub mod bits;
+pub mod calibration;
 pub mod cli;
 pub mod config;
 pub mod eval;
