@@ -891,7 +891,7 @@ fn sentence_lines(path: &Path, chars: Range<usize>) -> Result<Vec<String>, Strin
 
 /// Describes the calibration text: each slice of [`hessian::CALIBRATION_TEXT`] and the
 /// number of samples (`unit`) taken in all.
-fn calibration_description(samples: usize, unit: &str) -> String {
+pub(crate) fn calibration_description(samples: usize, unit: &str) -> String {
     let slices: Vec<String> = hessian::CALIBRATION_TEXT
         .iter()
         .map(|slice| format!("{}.txt chars {}..{}", slice.play, slice.chars.start, slice.chars.end))
@@ -900,7 +900,7 @@ fn calibration_description(samples: usize, unit: &str) -> String {
 }
 
 /// Returns an error when a slice of [`hessian::CALIBRATION_TEXT`] is evaluation text.
-fn check_calibration_slices() -> Result<(), String> {
+pub(crate) fn check_calibration_slices() -> Result<(), String> {
     for slice in &hessian::CALIBRATION_TEXT {
         check_calibration_text(&format!("{}.txt", slice.play))?;
     }
@@ -928,9 +928,9 @@ fn calibrate_glassllm(model: &GlassLlm, tokenizer: &BpeTokenizer) -> Result<Cali
     Ok((layer_hessians(&accumulated)?, text))
 }
 
-/// Accumulates MiniLM's layer Hessians on [`CALIBRATION_SENTENCES`] lines of the
-/// calibration text, taken from its plays in turn.
-pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibration, String> {
+/// Reads and tokenizes MiniLM's [`CALIBRATION_SENTENCES`] calibration lines, taken from
+/// the plays of [`hessian::CALIBRATION_TEXT`] in turn.
+pub fn minilm_calibration_sentences(tokenizer: &WordPiece) -> Result<Vec<Vec<u32>>, String> {
     check_calibration_slices()?;
     let mut plays = Vec::new();
     for slice in &hessian::CALIBRATION_TEXT {
@@ -944,7 +944,13 @@ pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibra
         })?;
         sentences.push(tokenizer.encode(line));
     }
+    Ok(sentences)
+}
 
+/// Accumulates MiniLM's layer Hessians on [`CALIBRATION_SENTENCES`] lines of the
+/// calibration text, taken from its plays in turn.
+pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibration, String> {
+    let sentences = minilm_calibration_sentences(tokenizer)?;
     let mut accumulated = LayerHessians::new("minilm");
     for (sample, ids) in sentences.iter().enumerate() {
         let mut failure = None;
