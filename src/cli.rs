@@ -317,6 +317,10 @@ pub struct EvalArgs {
     /// Draw perplexity and cosine against EBW as an SVG plot to this file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Calibrate GPTQ layer by layer: each layer on the inputs it receives when every layer
+    /// before it is already quantized, instead of on the FP32 model's inputs.
+    #[arg(long)]
+    pub sequential: bool,
     /// Print one JSON object per row instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -862,6 +866,7 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
         bits: args.bits.clone(),
         windows: args.windows,
         sentences: args.sentences,
+        sequential: args.sequential,
         ..eval::EvalOptions::default()
     };
     let progress = if args.json {

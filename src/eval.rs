@@ -27,7 +27,7 @@ use std::sync::Arc;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Serialize, Serializer};
 
-use crate::calibration::LinearModel;
+use crate::calibration::{self, CalibrationSet, LinearModel};
 use crate::config::{Config, Overrides, Resolved};
 use crate::formats::{quantize_mx_fp_block, FpKind, Rounding};
 use crate::gptq::{self, GptqOptions};
@@ -404,6 +404,9 @@ pub struct EvalOptions {
     pub windows: Option<usize>,
     /// MiniLM sentences.
     pub sentences: usize,
+    /// Calibrate the GPTQ methods sequentially: each group of layers on the inputs of a model
+    /// whose earlier layers are already quantized (see [`calibration::quantize_sequential`]).
+    pub sequential: bool,
 }
 
 impl Default for EvalOptions {
@@ -413,6 +416,7 @@ impl Default for EvalOptions {
             bits: vec![2, 4],
             windows: None,
             sentences: DEFAULT_SENTENCES,
+            sequential: false,
         }
     }
 }
@@ -509,7 +513,17 @@ fn quantize_model<M: LinearModel>(
         Ok::<_, String>((quantized, error))
     });
 
-    let mut model = base.clone();
+    collect_quantized(base.clone(), &layers, results)
+}
+
+/// Puts every quantized layer into `model` and sums up the storage, the worst layer error and
+/// the GPTQ fallbacks. `results` holds each layer's quantized weights and relative output
+/// error, or the error that stopped its quantization, in the order of `layers`.
+fn collect_quantized<M: LinearModel>(
+    mut model: M,
+    layers: &[(String, usize, usize)],
+    results: Vec<Result<(QuantizedWeight, f64), String>>,
+) -> Result<QuantizedModel<M>, String> {
     let mut storage_bits = 0u64;
     let mut weights = 0u64;
     let mut worst = (0.0f64, String::new());
@@ -531,6 +545,41 @@ fn quantize_model<M: LinearModel>(
         worst_layer: worst.1,
         fallback_layers,
     })
+}
+
+/// Quantizes every linear layer of `base` with GPTQ under `config`, calibrating each group of
+/// layers sequentially on `set` (see [`calibration::quantize_sequential`]). `bar` advances
+/// once per layer.
+fn quantize_model_sequential<M: LinearModel>(
+    base: &M,
+    config: &Resolved,
+    set: &CalibrationSet,
+    inputs: &CapturedInputs,
+    bar: &ProgressBar,
+) -> Result<QuantizedModel<M>, String> {
+    let layers = base.layers();
+    let mut model = base.clone();
+    let mut results: HashMap<String, (QuantizedWeight, f64)> = HashMap::new();
+    calibration::quantize_sequential(
+        &mut model,
+        set,
+        &|_| true,
+        &mut |name, weight, hessian| {
+            let (layer, info) =
+                gptq::quantize_gptq(weight, hessian, config, &GptqOptions::default()).map_err(|e| e.to_string())?;
+            let quantized = packed_weight(weight, &layer, config, info.fell_back_to_rtn);
+            let error = inputs.relative_output_error(name, weight, &quantized.dequant);
+            let dequant = quantized.dequant.clone();
+            results.insert(name.to_string(), (quantized, error));
+            Ok(dequant)
+        },
+        bar,
+    )?;
+    let ordered = layers
+        .iter()
+        .map(|(name, _, _)| results.remove(name).ok_or_else(|| format!("sequential calibration skipped layer `{name}`")))
+        .collect();
+    collect_quantized(model, &layers, ordered)
 }
 
 /// Applies `f` to every item on all available threads and returns the results in item order.
@@ -625,8 +674,10 @@ struct Scoring<F> {
     score: F,
 }
 
-/// Runs every job on `base` and scores each quantized model. `calibrate` runs once, before
-/// any job, when a job needs layer Hessians.
+/// Runs every job on `base` and scores each quantized model. When a job needs calibration,
+/// `calibrate` runs once before any job, or with `options.sequential` `samples` does, and
+/// every GPTQ job calibrates sequentially on those samples.
+#[allow(clippy::too_many_arguments)]
 fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
     model: EvalModel,
     base: &M,
@@ -635,10 +686,20 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
     progress: &MultiProgress,
     scoring: Scoring<F>,
     calibrate: impl FnOnce() -> Result<Calibration, String>,
+    samples: impl FnOnce() -> Result<CalibrationSet, String>,
 ) -> Result<Vec<EvalRow>, String> {
     let Scoring { reference, empty, score } = scoring;
     let jobs = jobs(options);
-    let calibration = if jobs.iter().any(|(method, _)| method.needs_calibration()) {
+    let needs_calibration = jobs.iter().any(|(method, _)| method.needs_calibration());
+    let mut sequential_set = None;
+    let calibration = if needs_calibration && options.sequential {
+        // Each job calibrates on its own partly quantized model, so there are no shared
+        // Hessians. The empty map only lets the GPTQ methods prepare their configuration.
+        let set = samples()?;
+        let text = format!("{}; sequential: each layer on the inputs of the quantized layers before it", set.text);
+        sequential_set = Some(set);
+        Some((Arc::new(HashMap::new()), text))
+    } else if needs_calibration {
         let (hessians, text) = calibrate()?;
         Some((Arc::new(hessians), text))
     } else {
@@ -680,7 +741,10 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
             Ok(quantizer) => {
                 let label = format!("{} W{bits}", method.name());
                 bar.set_message(format!("quantizing {label}"));
-                let quantized = quantize_model(base, &quantizer, inputs, &bar)?;
+                let quantized = match (&quantizer, &sequential_set) {
+                    (LayerQuantizer::Gptq { config, .. }, Some(set)) => quantize_model_sequential(base, config, set, inputs, &bar)?,
+                    _ => quantize_model(base, &quantizer, inputs, &bar)?,
+                };
                 let metric = score(&quantized.model, &label);
                 EvalRow {
                     model,
@@ -850,6 +914,7 @@ fn evaluate_glassllm(options: &EvalOptions, progress: &MultiProgress) -> Result<
             bar.set_message("calibrating GPTQ");
             calibrate_glassllm(&model, &tokenizer)
         },
+        || calibration::glassllm_calibration(&model, &tokenizer),
     );
     bar.finish_and_clear();
     rows
@@ -1046,6 +1111,7 @@ fn evaluate_minilm(options: &EvalOptions, progress: &MultiProgress) -> Result<Ve
             bar.set_message("calibrating GPTQ");
             calibrate_minilm(&model, &tokenizer)
         },
+        || calibration::minilm_calibration(&tokenizer),
     );
     bar.finish_and_clear();
     rows
