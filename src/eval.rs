@@ -517,7 +517,7 @@ fn quantize_model<M: LinearModel>(
 }
 
 /// Puts every quantized layer into `model` and sums up the storage, the worst layer error and
-/// the GPTQ fallbacks. `results` holds each layer's quantized weights and relative output
+/// the GPTQ fallbacks. `results` contains each layer's quantized weights and relative output
 /// error, or the error that stopped its quantization, in the order of `layers`.
 fn collect_quantized<M: LinearModel>(
     mut model: M,
