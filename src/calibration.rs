@@ -103,16 +103,21 @@ impl LinearModel for MiniLm {
     }
 }
 
-/// Token ids of the calibration samples of one model and a description of their text.
+/// Token ids of the calibration samples of one model.
 #[derive(Clone, Debug)]
 pub struct CalibrationSet {
     /// Token ids of each sample: a MiniLM sentence or a glassllm window.
     pub samples: Vec<Vec<u32>>,
-    /// The text slices and the number of samples, as `eval` reports them.
-    pub text: String,
+    /// What one sample is, such as `windows of 128 tokens`.
+    pub unit: String,
 }
 
 impl CalibrationSet {
+    /// Describes the text slices and the number of samples, as `eval` reports them.
+    pub fn text(&self) -> String {
+        crate::eval::calibration_description(self.samples.len(), &self.unit)
+    }
+
     /// Returns the number of tokens over all samples.
     pub fn tokens(&self) -> usize {
         self.samples.iter().map(Vec::len).sum()
@@ -132,8 +137,7 @@ pub fn minilm_calibration(tokenizer: &WordPiece) -> Result<CalibrationSet, Strin
         crate::eval::SENTENCE_WORDS.start(),
         crate::eval::SENTENCE_WORDS.end()
     );
-    let text = crate::eval::calibration_description(samples.len(), &unit);
-    Ok(CalibrationSet { samples, text })
+    Ok(CalibrationSet { samples, unit })
 }
 
 /// Returns glassllm's calibration windows of `max_len` tokens, the ones `eval` calibrates on.
@@ -143,15 +147,20 @@ pub fn glassllm_calibration(model: &GlassLlm, tokenizer: &BpeTokenizer) -> Resul
     let samples = hessian::calibration_windows(&dir, tokenizer, model.config.max_len, crate::eval::CALIBRATION_WINDOWS)
         .map_err(|e| e.to_string())?;
     let unit = format!("windows of {} tokens", model.config.max_len);
-    let text = crate::eval::calibration_description(samples.len(), &unit);
-    Ok(CalibrationSet { samples, text })
+    Ok(CalibrationSet { samples, unit })
 }
 
 /// Runs `model` on every sample, block after block, and accumulates the input of every
-/// linear layer: the parallel calibration, in which every layer receives FP32 inputs.
+/// linear layer that `selected` accepts: the parallel calibration, in which every layer
+/// receives FP32 inputs.
 ///
 /// Sample i is calibration sample i in error messages. `bar` advances once per sample.
-pub fn parallel_hessians<M: LinearModel>(model: &M, set: &CalibrationSet, bar: &ProgressBar) -> Result<LayerHessians, String> {
+pub fn parallel_hessians<M: LinearModel>(
+    model: &M,
+    set: &CalibrationSet,
+    selected: &dyn Fn(&str) -> bool,
+    bar: &ProgressBar,
+) -> Result<LayerHessians, String> {
     let mut accumulated = LayerHessians::new(model.model_name());
     for (sample, ids) in set.samples.iter().enumerate() {
         let mut failure = None;
@@ -161,7 +170,7 @@ pub fn parallel_hessians<M: LinearModel>(model: &M, set: &CalibrationSet, bar: &
                 block,
                 &hidden,
                 Some(&mut |layer: &str, inputs: &[f32], width: usize| {
-                    if failure.is_none() {
+                    if failure.is_none() && selected(layer) {
                         failure = accumulated.add(layer, sample, inputs, width).err();
                     }
                 }),

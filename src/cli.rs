@@ -7,12 +7,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::calibration::{self, CalibrationSet, LinearModel};
 use crate::config::{Config, Overrides, Resolved};
 use crate::flow::{self, RunOptions};
 use crate::formats::Rounding;
 use crate::generator;
 use crate::golden;
 use crate::image;
+use crate::image_set::{CalibrationRecord, GptqRecord, SetLayer, SetManifest};
 use crate::quantizer;
 use crate::simulation;
 use crate::weights::{self, Layout, Matrix};
@@ -118,9 +120,15 @@ pub enum RoundingArg {
 impl ConfigArgs {
     /// Reads, overrides and validates the configuration.
     pub fn resolve(&self) -> Result<Resolved, String> {
+        self.resolve_over(Config::default_config())
+    }
+
+    /// Reads the configuration file, or takes `base` when there is none, then applies the
+    /// overrides and validates the result.
+    pub fn resolve_over(&self, base: Config) -> Result<Resolved, String> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
-            None => Config::default_config(),
+            None => base,
         };
         config.apply(&Overrides {
             rows: self.rows,
@@ -201,6 +209,18 @@ pub struct QuantizeArgs {
     /// With --all-layers and minilm: quantize the 2-D tensors whose names start with this.
     #[arg(long, default_value = "encoder.")]
     pub layers: String,
+    /// With --all-layers: quantize with GPTQ calibrated on the Shakespeare calibration text
+    /// (Macbeth, King Lear, The Tempest) instead of rounding to nearest.
+    #[arg(long, requires = "all_layers")]
+    pub gptq: bool,
+    /// With --gptq: calibrate layer by layer, each layer on the inputs it receives when every
+    /// layer before it is already quantized, instead of on the FP32 model's inputs.
+    #[arg(long, requires = "gptq")]
+    pub sequential: bool,
+    /// With --gptq: calibrate on the first N samples only (MiniLM has 512 sentences, glassllm
+    /// 64 windows of 128 tokens).
+    #[arg(long, value_name = "N", requires = "gptq")]
+    pub calibration_samples: Option<usize>,
     /// Print the manifest as JSON.
     #[arg(long)]
     pub json: bool,
@@ -363,6 +383,8 @@ struct Manifest {
     format_version: u32,
     generator_version: &'static str,
     config_hash: String,
+    /// `rtn` (round to nearest) or `gptq`.
+    method: &'static str,
     rounding: &'static str,
     tensor: String,
     shape: [usize; 2],
@@ -389,9 +411,15 @@ struct LayerImage {
     manifest: Manifest,
 }
 
-/// Quantizes one tensor, builds its image with seeded activations and checks it.
+/// Quantizes one tensor with round to nearest, builds its image with seeded activations and
+/// checks it.
 fn build_layer_image(r: &Resolved, weights: &Matrix, vectors: usize, seed: u64) -> Result<LayerImage, String> {
-    let layer = quantizer::quantize(weights, r);
+    layer_image(r, weights, quantizer::quantize(weights, r), "rtn", vectors, seed)
+}
+
+/// Builds the image of `layer`, quantized from `weights` by `method`, with seeded
+/// activations, and checks it.
+fn layer_image(r: &Resolved, weights: &Matrix, layer: quantizer::QuantizedLayer, method: &'static str, vectors: usize, seed: u64) -> Result<LayerImage, String> {
     let acts = flow::random_activations(vectors, layer.k_pad, r.a, seed);
     let image = image::build(&layer, r, &acts);
     flow::check_image_dequantization(&layer, r, &image)?;
@@ -407,6 +435,7 @@ fn build_layer_image(r: &Resolved, weights: &Matrix, vectors: usize, seed: u64) 
         format_version: image::FORMAT_VERSION,
         generator_version: generator::VERSION,
         config_hash: r.hash.clone(),
+        method,
         rounding: r.rounding.name(),
         tensor: weights.name.clone(),
         shape: [weights.rows, weights.cols],
@@ -497,19 +526,86 @@ fn quantize(args: QuantizeArgs) -> Result<i32, String> {
     Ok(0)
 }
 
-/// One layer of an image set's manifest.
-#[derive(Serialize)]
-struct SetLayer {
-    tensor: String,
-    folder: String,
-    shape: [usize; 2],
-    ebw: f64,
-    outliers: usize,
-    relative_error: f64,
-    cycles_predicted: u64,
+fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String> {
+    let (items, records, calibration) = if args.gptq {
+        let (items, records, calibration) = gptq_layer_images(args, r)?;
+        (items, records.into_iter().map(Some).collect(), Some(calibration))
+    } else {
+        let items = rtn_layer_images(args, r)?;
+        let records = vec![None; items.len()];
+        (items, records, None)
+    };
+    let entries: Vec<SetLayer> = items
+        .iter()
+        .zip(records)
+        .enumerate()
+        .map(|(i, (item, gptq))| SetLayer {
+            tensor: item.manifest.tensor.clone(),
+            folder: layer_folder(i, &item.manifest.tensor),
+            shape: item.manifest.shape,
+            ebw: item.manifest.ebw,
+            outliers: item.layer.stats.outliers,
+            relative_error: item.layer.stats.relative_error,
+            cycles_predicted: item.manifest.cycles_predicted,
+            gptq,
+        })
+        .collect();
+    let total_bits: u64 = items.iter().map(|i| i.manifest.weight_image_bits).sum();
+    let total_weights: usize = items.iter().map(|i| i.manifest.shape[0] * i.manifest.shape[1]).sum();
+    let weights_file = match args.model {
+        ModelArg::Minilm => Some(args.tensor.weights.clone().unwrap_or_else(default_weights).display().to_string()),
+        ModelArg::Glassllm => None,
+    };
+    let set_manifest = SetManifest {
+        format_version: image::FORMAT_VERSION,
+        generator_version: generator::VERSION.to_string(),
+        config_hash: r.hash.clone(),
+        config: r.to_toml(),
+        model: format!("{:?}", args.model).to_lowercase(),
+        weights_file,
+        method: if args.gptq { "gptq" } else { "rtn" }.to_string(),
+        calibration,
+        weights: total_weights,
+        ebw: total_bits as f64 / total_weights as f64,
+        layers: entries,
+    };
+    let text = serde_json::to_string_pretty(&set_manifest).expect("manifest serialises");
+    image::write_dir_atomically(&args.out, |dir| {
+        for (entry, item) in set_manifest.layers.iter().zip(&items) {
+            let sub = dir.join(&entry.folder);
+            std::fs::create_dir_all(&sub)?;
+            write_layer_files(&sub, r, item)?;
+        }
+        image::write_atomically(&dir.join("manifest.json"), text.as_bytes())
+    })
+    .map_err(|e| format!("cannot write the image set to {}: {e}", args.out.display()))?;
+    if args.json {
+        println!("{text}");
+        return Ok(0);
+    }
+    let entries = &set_manifest.layers;
+    println!("  {:<48} {:>12} {:>7} {:>9}", "layer", "shape", "EBW", "outliers");
+    for e in entries {
+        println!("  {:<48} {:>12} {:>7.3} {:>9}", e.tensor, format!("{}x{}", e.shape[0], e.shape[1]), e.ebw, e.outliers);
+    }
+    println!("  {} layers, {} weights, EBW {:.3}; image set in {}", entries.len(), total_weights, set_manifest.ebw, args.out.display());
+    if let Some(c) = &set_manifest.calibration {
+        let mode = if c.sequential { "sequential" } else { "parallel" };
+        let fallbacks = entries.iter().filter(|e| e.gptq.as_ref().is_some_and(|g| g.fell_back_to_rtn)).count();
+        println!("  GPTQ ({mode} calibration) on {} samples, {} tokens: {}", c.samples, c.tokens, c.text);
+        println!("  layers that fell back to round to nearest: {fallbacks}");
+    }
+    println!("  simulate one layer with: microscopiq simulate --image {}/{}", args.out.display(), entries[0].folder);
+    println!(
+        "  or with calibration activations: microscopiq run --image-set {} --layer {}",
+        args.out.display(),
+        entries[0].tensor
+    );
+    Ok(0)
 }
 
-fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String> {
+/// Quantizes every selected linear layer with round to nearest.
+fn rtn_layer_images(args: &QuantizeArgs, r: &Resolved) -> Result<Vec<LayerImage>, String> {
     let layers = model_layers(args)?;
     if layers.is_empty() {
         return Err(format!("no linear layer matches `{}`; check --layers and --weights", args.layers));
@@ -523,51 +619,130 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let entries: Vec<SetLayer> = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| SetLayer {
-            tensor: item.manifest.tensor.clone(),
-            folder: layer_folder(i, &item.manifest.tensor),
-            shape: item.manifest.shape,
-            ebw: item.manifest.ebw,
-            outliers: item.layer.stats.outliers,
-            relative_error: item.layer.stats.relative_error,
-            cycles_predicted: item.manifest.cycles_predicted,
-        })
-        .collect();
-    let total_bits: u64 = items.iter().map(|i| i.manifest.weight_image_bits).sum();
-    let total_weights: usize = items.iter().map(|i| i.manifest.shape[0] * i.manifest.shape[1]).sum();
-    let set_manifest = serde_json::json!({
-        "format_version": image::FORMAT_VERSION,
-        "generator_version": generator::VERSION,
-        "config_hash": r.hash,
-        "model": format!("{:?}", args.model).to_lowercase(),
-        "weights": total_weights,
-        "ebw": total_bits as f64 / total_weights as f64,
-        "layers": entries,
-    });
-    let text = serde_json::to_string_pretty(&set_manifest).expect("manifest serialises");
-    image::write_dir_atomically(&args.out, |dir| {
-        for (entry, item) in entries.iter().zip(&items) {
-            let sub = dir.join(&entry.folder);
-            std::fs::create_dir_all(&sub)?;
-            write_layer_files(&sub, r, item)?;
+    Ok(items)
+}
+
+/// Image of each layer, its GPTQ facts, and the calibration of a GPTQ image set.
+type GptqImages = (Vec<LayerImage>, Vec<GptqRecord>, CalibrationRecord);
+
+/// Loads the chosen model and its calibration samples, then quantizes every selected layer
+/// with GPTQ.
+fn gptq_layer_images(args: &QuantizeArgs, r: &Resolved) -> Result<GptqImages, String> {
+    match args.model {
+        ModelArg::Minilm => {
+            let path = args.tensor.weights.clone().unwrap_or_else(default_weights);
+            let (model, tokenizer) = load_minilm_folder(&path)?;
+            let set = calibration::minilm_calibration(&tokenizer)?;
+            let prefix = args.layers.clone();
+            gptq_images(model, set, &|name: &str| name.starts_with(&prefix), args, r)
         }
-        image::write_atomically(&dir.join("manifest.json"), text.as_bytes())
-    })
-    .map_err(|e| format!("cannot write the image set to {}: {e}", args.out.display()))?;
-    if args.json {
-        println!("{text}");
-    } else {
-        println!("  {:<48} {:>12} {:>7} {:>9}", "layer", "shape", "EBW", "outliers");
-        for e in &entries {
-            println!("  {:<48} {:>12} {:>7.3} {:>9}", e.tensor, format!("{}x{}", e.shape[0], e.shape[1]), e.ebw, e.outliers);
+        ModelArg::Glassllm => {
+            let (model, tokenizer) = load_glassllm()?;
+            let set = calibration::glassllm_calibration(&model, &tokenizer)?;
+            gptq_images(model, set, &|_: &str| true, args, r)
         }
-        println!("  {} layers, {} weights, EBW {:.3}; image set in {}", entries.len(), total_weights, set_manifest["ebw"].as_f64().unwrap_or(0.0), args.out.display());
-        println!("  simulate one layer with: microscopiq simulate --image {}/{}", args.out.display(), entries[0].folder);
     }
-    Ok(0)
+}
+
+/// Loads MiniLM and its tokenizer from the folder of the safetensors file `weights`, which
+/// must be that folder's `model.safetensors`, because calibration runs the whole model.
+fn load_minilm_folder(weights: &Path) -> Result<(crate::models::minilm::MiniLm, crate::models::wordpiece::WordPiece), String> {
+    let folder = weights.parent().unwrap_or(Path::new("."));
+    if weights.file_name().and_then(|n| n.to_str()) != Some("model.safetensors") {
+        return Err(format!(
+            "invalid --weights {}: GPTQ calibration runs the whole MiniLM model, so --weights must name              the model.safetensors of a model folder that also contains config.json and tokenizer.json",
+            weights.display()
+        ));
+    }
+    let model = crate::models::minilm::MiniLm::load(folder).map_err(|e| e.to_string())?;
+    let tokenizer = crate::models::wordpiece::WordPiece::load(folder).map_err(|e| e.to_string())?;
+    Ok((model, tokenizer))
+}
+
+/// Loads glassllm and its tokenizer from the models folder.
+fn load_glassllm() -> Result<(crate::models::glassllm::GlassLlm, crate::models::bpe::BpeTokenizer), String> {
+    let dir = weights::models_dir().join("glassllm");
+    let model = crate::models::glassllm::GlassLlm::load(&dir.join("en.npz")).map_err(|e| e.to_string())?;
+    let tokenizer = crate::models::bpe::BpeTokenizer::load(&dir.join("en.tokenizer.json")).map_err(|e| e.to_string())?;
+    Ok((model, tokenizer))
+}
+
+/// Calibrates `model` on `set`, in parallel or sequentially as `args` says, and quantizes
+/// every layer that `selected` accepts with GPTQ, in execution order.
+fn gptq_images<M: LinearModel>(
+    model: M,
+    mut set: CalibrationSet,
+    selected: &dyn Fn(&str) -> bool,
+    args: &QuantizeArgs,
+    r: &Resolved,
+) -> Result<GptqImages, String> {
+    if let Some(count) = args.calibration_samples {
+        if count == 0 || count > set.samples.len() {
+            return Err(format!("invalid --calibration-samples {count}: choose 1 to {}", set.samples.len()));
+        }
+        set.truncate(count);
+    }
+    let names: Vec<String> = model.layers().into_iter().map(|(name, _, _)| name).filter(|name| selected(name)).collect();
+    if names.is_empty() {
+        return Err(format!("no linear layer of {} matches `{}`; check --layers", model.model_name(), args.layers));
+    }
+    let calibration = CalibrationRecord { text: set.text(), samples: set.samples.len(), tokens: set.tokens(), sequential: args.sequential };
+
+    let quantize_one = |weight: &Matrix, hessian: &crate::hessian::Hessian| -> Result<(LayerImage, GptqRecord), String> {
+        let name = &weight.name;
+        let (layer, info) = crate::gptq::quantize_gptq(weight, hessian, r, &crate::gptq::GptqOptions::default()).map_err(|e| {
+            format!("GPTQ of layer `{name}` failed: {e}; check the model weights and the calibration text, or quantize without --gptq")
+        })?;
+        let item = layer_image(r, weight, layer, "gptq", args.vectors, args.seed).map_err(|e| format!("layer `{name}`: {e}"))?;
+        Ok((item, GptqRecord::from(&info)))
+    };
+    let style = ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template");
+    let new_bar = |length: usize| if args.json { ProgressBar::hidden() } else { ProgressBar::new(length as u64).with_style(style.clone()) };
+
+    let mut done: Vec<Option<(LayerImage, GptqRecord)>> = names.iter().map(|_| None).collect();
+    if args.sequential {
+        let bar = new_bar(names.len());
+        let mut model = model;
+        calibration::quantize_sequential(
+            &mut model,
+            &set,
+            selected,
+            &mut |name, weight, hessian| {
+                let (item, record) = quantize_one(weight, hessian)?;
+                let dequant = item.layer.dequant.iter().map(|&v| v as f32).collect();
+                let index = names.iter().position(|n| n == name).expect("selected layers are in `names`");
+                done[index] = Some((item, record));
+                Ok(Matrix::new(name, weight.rows, weight.cols, dequant))
+            },
+            &bar,
+        )?;
+        bar.finish_and_clear();
+    } else {
+        let bar = new_bar(set.samples.len());
+        bar.set_message(format!("calibrating {} on {} samples", model.model_name(), set.samples.len()));
+        let accumulated = calibration::parallel_hessians(&model, &set, selected, &bar)?;
+        bar.finish_and_clear();
+        let bar = new_bar(names.len());
+        for (slot, name) in done.iter_mut().zip(&names) {
+            bar.set_message(format!("GPTQ {name}"));
+            let hessian = accumulated
+                .layer(name)
+                .ok_or_else(|| format!("layer `{name}` received no calibration input"))?
+                .hessian()
+                .map_err(|e| e.to_string())?;
+            *slot = Some(quantize_one(&model.weight(name), &hessian)?);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+    }
+    let mut items = Vec::with_capacity(names.len());
+    let mut records = Vec::with_capacity(names.len());
+    for (slot, name) in done.into_iter().zip(&names) {
+        let (item, record) = slot.ok_or_else(|| format!("sequential calibration skipped layer `{name}`"))?;
+        items.push(item);
+        records.push(record);
+    }
+    Ok((items, records, calibration))
 }
 
 fn write_dequant(path: &Path, layer: &quantizer::QuantizedLayer) -> std::io::Result<()> {

@@ -696,7 +696,7 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
         // Each job calibrates on its own partly quantized model, so there are no shared
         // Hessians. The empty map only lets the GPTQ methods prepare their configuration.
         let set = samples()?;
-        let text = format!("{}; sequential: each layer on the inputs of the quantized layers before it", set.text);
+        let text = format!("{}; sequential: each layer on the inputs of the quantized layers before it", set.text());
         sequential_set = Some(set);
         Some((Arc::new(HashMap::new()), text))
     } else if needs_calibration {

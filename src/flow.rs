@@ -218,11 +218,28 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         None => random_activations(options.vectors, layer.k_pad, r.a, options.seed),
     };
     let image = image::build(&layer, r, &vectors);
+    run_image(r, &layer, &image, &vectors, options, progress)
+}
+
+/// Checks `image` against `layer` and the golden model against an exact GEMM, simulates the
+/// RTL and compares it with the golden model.
+///
+/// `vectors` are the activation vectors packed into `image` (`[v][k]` over the padded input
+/// channels). Of `options`, only the work folder, tracing and coverage apply, because the
+/// layer is already quantized and the activations already packed.
+pub fn run_image(
+    r: &Resolved,
+    layer: &QuantizedLayer,
+    image: &Image,
+    vectors: &[Vec<i64>],
+    options: &RunOptions,
+    progress: &dyn Fn(&str),
+) -> Result<RunReport, String> {
     progress("checking the image against the quantizer");
-    check_image_dequantization(&layer, r, &image)?;
+    check_image_dequantization(layer, r, image)?;
     progress("running the golden model");
-    let prediction = golden::predict(r, &image);
-    check_golden_against_gemm(&layer, r, &image, &prediction, &vectors)?;
+    let prediction = golden::predict(r, image);
+    check_golden_against_gemm(layer, r, image, &prediction, vectors)?;
     let verilator_version = simulation::verilator_version().map_err(|e| e.to_string())?;
     progress("building and running the RTL with Verilator");
     let sim_options = SimOptions {
@@ -231,12 +248,12 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
         coverage: options.coverage,
         ..SimOptions::default()
     };
-    let sim = simulation::simulate(r, &image, prediction.cycles, &sim_options).map_err(|e| e.to_string())?;
+    let sim = simulation::simulate(r, image, prediction.cycles, &sim_options).map_err(|e| e.to_string())?;
     let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
     if !comparison.passed() && !options.trace {
         progress("simulating again with waveforms (waves.fst) for the mismatch");
         let retrace = SimOptions { work_dir: Some(sim.work_dir.clone()), trace: true, ..SimOptions::default() };
-        simulation::simulate(r, &image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
+        simulation::simulate(r, image, prediction.cycles, &retrace).map_err(|e| e.to_string())?;
     }
     let coverage = if options.coverage { simulation::coverage_summary(&sim.work_dir) } else { None };
     let keep = options.work_dir.is_some() || !comparison.passed() || options.trace || options.coverage;
@@ -245,9 +262,9 @@ pub fn run(r: &Resolved, weights: &Matrix, options: &RunOptions, progress: &dyn 
     }
     Ok(RunReport {
         config_hash: r.hash.clone(),
-        tensor: weights.name.clone(),
-        shape: [weights.rows, weights.cols],
-        ebw: image::effective_bit_width(&layer, r, &image),
+        tensor: layer.name.clone(),
+        shape: [layer.n_out, layer.k_in],
+        ebw: image::effective_bit_width(layer, r, image),
         outliers: layer.stats.outliers,
         pruned: layer.stats.pruned,
         demoted: layer.stats.demoted,

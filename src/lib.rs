@@ -16,6 +16,7 @@ pub mod golden;
 pub mod gptq;
 pub mod hessian;
 pub mod image;
+pub mod image_set;
 pub mod models;
 pub mod quantizer;
 pub mod recon;
