@@ -273,8 +273,12 @@ pub struct SimulateArgs {
 /// Activation sources on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ActivationsArg {
+    /// Seeded random integers over the full A-bit range.
     Random,
+    /// Inputs of the MiniLM layer captured on held-out sentences.
     Real,
+    /// Inputs of the layer captured on the calibration text that GPTQ uses.
+    Calibration,
 }
 
 /// Simulator names on the command line.
@@ -299,10 +303,19 @@ pub struct RunArgs {
     /// Quantize with GPTQ, calibrated on MiniLM's calibration sentences (MiniLM layers only).
     #[arg(long)]
     pub gptq: bool,
-    /// Activations: seeded random integers, or real inputs of the MiniLM layer captured on
-    /// held-out sentences and quantized to A bits per token.
-    #[arg(long, value_enum, default_value = "random")]
-    pub activations: ActivationsArg,
+    /// Activations: seeded random integers (the default), or the layer's own inputs captured
+    /// on held-out sentences (real, MiniLM only) or on the calibration text (calibration, the
+    /// default with --image-set), quantized to A bits per token.
+    #[arg(long, value_enum)]
+    pub activations: Option<ActivationsArg>,
+    /// Simulate a layer of this image set, written by `quantize --all-layers`, instead of
+    /// quantizing --tensor. The set's configuration applies, and options that change it are
+    /// rejected.
+    #[arg(long, value_name = "DIR", requires = "layer", conflicts_with_all = ["gptq", "tensor", "weights", "layout"])]
+    pub image_set: Option<PathBuf>,
+    /// The layer of --image-set to simulate: its tensor name or its folder name.
+    #[arg(long, value_name = "NAME", requires = "image_set")]
+    pub layer: Option<String>,
     /// Keep the Verilator build and run files here (they are kept anyway on a mismatch).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
@@ -889,18 +902,30 @@ fn print_comparison(c: &simulation::Comparison, work_dir: &Path, removed: bool) 
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
-    let r = args.config.resolve()?;
-    let weights = args.tensor.load()?;
     if args.vectors == 0 {
         return Err("invalid --vectors 0: at least one activation vector is needed".into());
     }
+    if let Some(dir) = &args.image_set {
+        return run_image_set(&args, dir);
+    }
+    let r = args.config.resolve()?;
+    let weights = args.tensor.load()?;
     let bar = spinner(args.json);
-    let activations = if args.activations == ActivationsArg::Real {
-        bar.set_message(format!("capturing the inputs of {} on held-out sentences", args.tensor.tensor));
-        let rows = flow::capture_minilm_inputs(&args.tensor.tensor, args.vectors)?;
-        Some(flow::quantize_activations(&rows, r.a))
-    } else {
-        None
+    let activations = match args.activations.unwrap_or(ActivationsArg::Random) {
+        ActivationsArg::Random => None,
+        ActivationsArg::Real => {
+            bar.set_message(format!("capturing the inputs of {} on held-out sentences", args.tensor.tensor));
+            let rows = flow::capture_minilm_inputs(&args.tensor.tensor, args.vectors)?;
+            Some(flow::quantize_activations(&rows, r.a))
+        }
+        ActivationsArg::Calibration => {
+            bar.set_message(format!("capturing the inputs of {} on the calibration text", args.tensor.tensor));
+            let path = args.tensor.weights.clone().unwrap_or_else(default_weights);
+            let (model, tokenizer) = load_minilm_folder(&path)?;
+            let set = calibration::minilm_calibration(&tokenizer)?;
+            let rows = calibration::capture_layer_inputs(&model, &set, &args.tensor.tensor, args.vectors)?;
+            Some(flow::quantize_activations(&rows, r.a))
+        }
     };
     let hessian = if args.gptq {
         bar.set_message("calibrating MiniLM for GPTQ on the calibration sentences");
@@ -930,13 +955,22 @@ fn run(args: RunArgs) -> Result<i32, String> {
         &|step| bar.set_message(step.to_string()),
     )?;
     bar.finish_and_clear();
+    Ok(print_run_report(&report, &r, args.json, &[]))
+}
+
+/// Prints a run report as JSON or as a table with `extra` rows after the configuration, and
+/// returns the exit code: 0 when the RTL matches the golden model, 1 when it does not.
+fn print_run_report(report: &flow::RunReport, r: &Resolved, json: bool, extra: &[(&str, String)]) -> i32 {
     let passed = report.mismatches == 0 && report.cycles == report.cycles_predicted;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string(&report).expect("report serialises"));
     } else {
-        print_table(&[
+        let mut rows = vec![
             ("tensor", format!("{} [{} x {}]", report.tensor, report.shape[0], report.shape[1])),
             ("config", format!("{} ({}x{} array, b = {}, A = {}, M = {})", report.config_hash, r.rows, r.cols, r.b, r.a, r.m)),
+        ];
+        rows.extend(extra.iter().cloned());
+        rows.extend([
             ("EBW (bits/weight)", format!("{:.3}", report.ebw)),
             ("outliers / pruned", format!("{} / {}", report.outliers, report.pruned)),
             ("relative error", format!("{:.5}", report.relative_error)),
@@ -946,6 +980,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             ("cycles (RTL / predicted)", format!("{} / {}", report.cycles, report.cycles_predicted)),
             ("verilator", report.verilator_version.clone()),
         ]);
+        print_table(&rows);
         if let Some(m) = &report.first_mismatch {
             println!(
                 "first mismatch: tile {}, vector {}, column {}, cycle {}: expected {}, got {}",
@@ -960,7 +995,167 @@ fn run(args: RunArgs) -> Result<i32, String> {
         }
         println!("{}", if passed { "PASS: RTL matches the golden model" } else { "FAIL: RTL differs from the golden model" });
     }
-    Ok(if passed { 0 } else { 1 })
+    if passed {
+        0
+    } else {
+        1
+    }
+}
+
+/// Simulates layer `--layer` of the image set in `dir` with activations captured on the
+/// calibration text (or seeded ones), after checking the configuration against the set's.
+fn run_image_set(args: &RunArgs, dir: &Path) -> Result<i32, String> {
+    let name = args.layer.as_deref().expect("clap requires --layer with --image-set");
+    let manifest = SetManifest::read(dir)?;
+    let entry = manifest.layer(name)?;
+    let r = args.config.resolve_over(manifest.parsed_config()?).map_err(|e| {
+        format!("the configuration options do not fit the configuration of image set {}: {e}; drop them to use the set's", dir.display())
+    })?;
+    manifest.check_config(&r, dir)?;
+    let folder = dir.join(&entry.folder);
+    let (stored, mut image, _) = read_image_dir(&folder)?;
+    if stored.hash != manifest.config_hash {
+        return Err(format!(
+            "{}: config.toml has configuration {}, but the set manifest records {}; quantize the set again",
+            folder.display(),
+            stored.hash,
+            manifest.config_hash
+        ));
+    }
+    let layer = stored_layer(&folder, &r, entry)?;
+    if layer.k_pad != image.k_tiles * r.rows {
+        return Err(format!("{}: the image has {} row tiles, which does not match the layer shape; quantize the set again", folder.display(), image.k_tiles));
+    }
+
+    let bar = spinner(args.json);
+    let (vectors, source) = match args.activations.unwrap_or(ActivationsArg::Calibration) {
+        ActivationsArg::Random => (flow::random_activations(args.vectors, layer.k_pad, r.a, args.seed), format!("seeded random, seed {}", args.seed)),
+        ActivationsArg::Calibration => {
+            bar.set_message(format!("capturing the inputs of {} on the calibration text", entry.tensor));
+            let (rows, source) = capture_set_inputs(&manifest, entry, dir, args.vectors)?;
+            (flow::quantize_activations(&rows, r.a), source)
+        }
+        ActivationsArg::Real => {
+            return Err("--activations real captures held-out MiniLM sentences and is not available with --image-set; \
+                        use --activations calibration (the default) or random"
+                .into())
+        }
+    };
+    image.vectors = vectors.len();
+    image.act_words = image::pack_activations(&vectors, layer.k_pad, &r);
+    let options = RunOptions { work_dir: args.keep.clone(), trace: args.trace, coverage: args.coverage, ..RunOptions::default() };
+    let report = flow::run_image(&r, &layer, &image, &vectors, &options, &|step| bar.set_message(step.to_string()))?;
+    bar.finish_and_clear();
+    let mode = match &manifest.calibration {
+        Some(c) if c.sequential => "gptq, sequential calibration",
+        Some(_) => "gptq, parallel calibration",
+        None => "round to nearest",
+    };
+    let extra = [("image set", format!("{} ({mode})", folder.display())), ("activations", source)];
+    Ok(print_run_report(&report, &r, args.json, &extra))
+}
+
+/// Rebuilds the parts of a quantized layer that the checks of `flow::run_image` read from the
+/// files of a layer image: the shape, the base exponents, the dequantized weights and the
+/// counts of its manifest.
+fn stored_layer(folder: &Path, r: &Resolved, entry: &SetLayer) -> Result<quantizer::QuantizedLayer, String> {
+    let path = folder.join("dequant.safetensors");
+    let dequant = weights::load_matrix(&path, &entry.tensor, Layout::OutIn).map_err(|e| e.to_string())?;
+    if [dequant.rows, dequant.cols] != entry.shape {
+        return Err(format!(
+            "{}: `{}` is [{} x {}], but the set manifest records [{} x {}]; quantize the set again",
+            path.display(),
+            entry.tensor,
+            dequant.rows,
+            dequant.cols,
+            entry.shape[0],
+            entry.shape[1]
+        ));
+    }
+    let mut layer = quantizer::QuantizedLayer::empty(&dequant, r);
+    layer.dequant = dequant.data.iter().map(|&v| f64::from(v)).collect();
+
+    let bases_path = folder.join("bases.hex");
+    let text = std::fs::read_to_string(&bases_path).map_err(|e| format!("cannot read {}: {e}; quantize the set again", bases_path.display()))?;
+    let bases = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            u8::from_str_radix(line.trim(), 16)
+                .map(crate::formats::E8m0)
+                .map_err(|e| format!("{} line {}: invalid base exponent `{line}`: {e}; quantize the set again", bases_path.display(), i + 1))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if bases.len() != layer.bases.len() {
+        return Err(format!("{}: {} base exponents, the layer needs {}; quantize the set again", bases_path.display(), bases.len(), layer.bases.len()));
+    }
+    layer.bases = bases;
+
+    let manifest_path = folder.join("manifest.json");
+    let manifest: serde_json::Value = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+        .map_err(|e| format!("cannot read {}: {e}; quantize the set again", manifest_path.display()))?;
+    let stats = &manifest["stats"];
+    let count = |key: &str| stats[key].as_u64().map(|v| v as usize).ok_or_else(|| format!("{} lacks `stats.{key}`; quantize the set again", manifest_path.display()));
+    layer.stats.weights = count("weights")?;
+    layer.stats.outliers = count("outliers")?;
+    layer.stats.pruned = count("pruned")?;
+    layer.stats.demoted = count("demoted")?;
+    layer.stats.flagged_ublocks = count("flagged_ublocks")?;
+    layer.stats.relative_error = stats["relative_error"].as_f64().unwrap_or(f64::NAN);
+    Ok(layer)
+}
+
+/// Captures the first `count` input rows of the set's layer `entry` on the calibration
+/// samples the set was quantized with, through the set's model, and describes the source.
+///
+/// In a set calibrated sequentially, every layer before `entry` runs with its dequantized
+/// weights from the set, so the rows are the inputs that calibrated the layer.
+fn capture_set_inputs(manifest: &SetManifest, entry: &SetLayer, dir: &Path, count: usize) -> Result<(Vec<Vec<f32>>, String), String> {
+    match manifest.model.as_str() {
+        "minilm" => {
+            let path = manifest.weights_file.as_ref().map(PathBuf::from).unwrap_or_else(default_weights);
+            let (model, tokenizer) = load_minilm_folder(&path)?;
+            let set = calibration::minilm_calibration(&tokenizer)?;
+            capture_through(model, set, manifest, entry, dir, count)
+        }
+        "glassllm" => {
+            let (model, tokenizer) = load_glassllm()?;
+            let set = calibration::glassllm_calibration(&model, &tokenizer)?;
+            capture_through(model, set, manifest, entry, dir, count)
+        }
+        other => Err(format!("{}: unknown model `{other}` in the set manifest; quantize the set again", dir.display())),
+    }
+}
+
+fn capture_through<M: LinearModel>(
+    mut model: M,
+    mut set: CalibrationSet,
+    manifest: &SetManifest,
+    entry: &SetLayer,
+    dir: &Path,
+    count: usize,
+) -> Result<(Vec<Vec<f32>>, String), String> {
+    if let Some(c) = &manifest.calibration {
+        set.truncate(c.samples);
+    }
+    let sequential = manifest.calibration.as_ref().is_some_and(|c| c.sequential);
+    if sequential {
+        for (name, _, _) in model.layers() {
+            if name == entry.tensor {
+                break;
+            }
+            let Ok(earlier) = manifest.layer(&name) else { continue };
+            let path = dir.join(&earlier.folder).join("dequant.safetensors");
+            let dequant = weights::load_matrix(&path, &name, Layout::OutIn).map_err(|e| e.to_string())?;
+            model.set_weight(&name, &dequant).map_err(|e| format!("{}: {e}; quantize the set again", path.display()))?;
+        }
+    }
+    let rows = calibration::capture_layer_inputs(&model, &set, &entry.tensor, count)?;
+    let through = if sequential { "the earlier layers quantized as in the set" } else { "the FP32 model" };
+    let source = format!("{count} token rows of the calibration text through {through}, quantized per token");
+    Ok((rows, source))
 }
 
 fn lint(args: ConfigArgs) -> Result<i32, String> {
