@@ -680,7 +680,7 @@ fn load_glassllm() -> Result<(crate::models::glassllm::GlassLlm, crate::models::
     Ok((model, tokenizer))
 }
 
-/// Calibrates `model` on `set`, in parallel or sequentially as `args` says, and quantizes
+/// Calibrates `model` on `set`, in parallel or sequentially as `args.sequential` selects, and quantizes
 /// every layer that `selected` accepts with GPTQ, in execution order.
 fn gptq_images<M: LinearModel>(
     model: M,
