@@ -228,8 +228,13 @@ pub fn quantize_sequential<M: LinearModel>(
         return Err(format!("{}: sequential calibration needs at least one calibration sample", model.model_name()));
     }
     let mut hessians = HashMap::new();
+    let total = model.layers().iter().filter(|(name, _, _)| selected(name)).count();
     let mut hidden: Vec<Vec<f32>> = set.samples.iter().map(|ids| model.block_input(ids)).collect();
     for block in 0..model.block_count() {
+        if hessians.len() == total {
+            // No later block has a selected layer, so its inputs are not needed.
+            break;
+        }
         for group in input_groups(model, block, &hidden[0]) {
             let wanted: Vec<String> = group.into_iter().filter(|name| selected(name)).collect();
             let Some(leader) = wanted.first() else { continue };
