@@ -29,9 +29,10 @@ pub trait LinearModel: Clone + Sync {
     fn layers(&self) -> Vec<(String, usize, usize)>;
     fn weight(&self, name: &str) -> Matrix;
     fn set_weight(&mut self, name: &str, weight: &Matrix) -> Result<(), String>;
-    /// Name in error messages and manifests.
+    /// Returns the model's name for error messages and manifests.
     fn model_name(&self) -> &'static str;
-    /// Number of blocks (transformer or encoder layers), each with several linear layers.
+    /// Returns the number of blocks (transformer or encoder layers), each with several linear
+    /// layers.
     fn block_count(&self) -> usize;
     /// Computes the `[tokens, width]` input of block 0 for the token ids of one sample.
     fn block_input(&self, sample: &[u32]) -> Vec<f32>;
@@ -108,7 +109,7 @@ impl LinearModel for MiniLm {
 pub struct CalibrationSet {
     /// Token ids of each sample: a MiniLM sentence or a glassllm window.
     pub samples: Vec<Vec<u32>>,
-    /// What one sample is, such as `windows of 128 tokens`.
+    /// Description of one sample, such as `windows of 128 tokens`.
     pub unit: String,
 }
 
@@ -236,9 +237,9 @@ pub fn quantize_sequential<M: LinearModel>(
             break;
         }
         for group in input_groups(model, block, &hidden[0]) {
-            let wanted: Vec<String> = group.into_iter().filter(|name| selected(name)).collect();
-            let Some(leader) = wanted.first() else { continue };
-            bar.set_message(format!("calibrating {}", wanted.join(", ")));
+            let members: Vec<String> = group.into_iter().filter(|name| selected(name)).collect();
+            let Some(leader) = members.first() else { continue };
+            bar.set_message(format!("calibrating {}", members.join(", ")));
             // The block runs on several threads, but the inputs are added in sample order, so
             // the Hessian does not depend on the thread count.
             let captured = parallel_map(&hidden, |input| {
@@ -263,7 +264,7 @@ pub fn quantize_sequential<M: LinearModel>(
                 .ok_or_else(|| format!("{}: layer `{leader}` received no calibration input", model.model_name()))?
                 .hessian()
                 .map_err(|e| e.to_string())?;
-            for name in &wanted {
+            for name in &members {
                 bar.set_message(format!("quantizing {name}"));
                 let dequant = quantize(name, &model.weight(name), &hessian)?;
                 model.set_weight(name, &dequant)?;

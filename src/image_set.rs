@@ -134,7 +134,7 @@ impl SetManifest {
         if r.hash == self.config_hash {
             return Ok(());
         }
-        let made = self.parsed_config().and_then(|c| c.resolve().map_err(|e| e.to_string()))?;
+        let recorded = self.parsed_config().and_then(|c| c.resolve().map_err(|e| e.to_string()))?;
         Err(format!(
             "the configuration options give configuration {} ({}), but the image set {} was quantized \
              with configuration {} ({}); drop the configuration options to use the set's, or \
@@ -143,7 +143,7 @@ impl SetManifest {
             describe(r),
             dir.display(),
             self.config_hash,
-            describe(&made)
+            describe(&recorded)
         ))
     }
 }
