@@ -9,12 +9,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::calibration::{self, CalibrationSet, LinearModel};
 use crate::config::{Config, OutlierScope, Overrides, Resolved};
 use crate::flow::{self, RunOptions};
 use crate::formats::{FpKind, Rounding};
 use crate::generator;
 use crate::golden;
 use crate::image;
+use crate::image_set::{CalibrationRecord, GptqRecord, SetLayer, SetManifest};
 use crate::quantizer;
 use crate::simulation;
 use crate::weights::{self, Layout, Matrix};
@@ -176,14 +178,26 @@ impl From<OutlierScopeArg> for OutlierScope {
 impl ConfigArgs {
     /// Reads, overrides and validates the configuration.
     pub fn resolve(&self) -> Result<Resolved, String> {
-        self.config()?.resolve().map_err(|e| e.to_string())
+        self.resolve_over(Config::default_config())
+    }
+
+    /// Reads the configuration file, or takes `base` when there is none, then applies the
+    /// overrides and validates the result.
+    pub fn resolve_over(&self, base: Config) -> Result<Resolved, String> {
+        self.config_over(base)?.resolve().map_err(|e| e.to_string())
     }
 
     /// Reads the configuration and applies the overrides, without validating the result.
     pub fn config(&self) -> Result<Config, String> {
+        self.config_over(Config::default_config())
+    }
+
+    /// Reads the configuration file, or takes `base` when there is none, and applies the
+    /// overrides.
+    fn config_over(&self, base: Config) -> Result<Config, String> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
-            None => Config::default_config(),
+            None => base,
         };
         config.apply(&Overrides {
             rows: self.rows,
@@ -269,6 +283,18 @@ pub struct QuantizeArgs {
     /// With --all-layers and minilm: quantize the 2-D tensors whose names start with this.
     #[arg(long, default_value = "encoder.")]
     pub layers: String,
+    /// With --all-layers: quantize with GPTQ calibrated on the Shakespeare calibration text
+    /// (Macbeth, King Lear, The Tempest) instead of rounding to nearest.
+    #[arg(long, requires = "all_layers")]
+    pub gptq: bool,
+    /// With --gptq: calibrate layer by layer, each layer on the inputs it receives when every
+    /// layer before it is already quantized, instead of on the FP32 model's inputs.
+    #[arg(long, requires = "gptq")]
+    pub sequential: bool,
+    /// With --gptq: calibrate on the first N samples only (MiniLM has 512 sentences, glassllm
+    /// 64 windows of 128 tokens).
+    #[arg(long, value_name = "N", requires = "gptq")]
+    pub calibration_samples: Option<usize>,
     /// Print the manifest as JSON.
     #[arg(long)]
     pub json: bool,
@@ -321,8 +347,12 @@ pub struct SimulateArgs {
 /// Activation sources on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ActivationsArg {
+    /// Seeded random integers over the full A-bit range.
     Random,
+    /// Inputs of the MiniLM layer captured on held-out sentences.
     Real,
+    /// Inputs of the layer captured on the calibration text that GPTQ uses.
+    Calibration,
 }
 
 /// Simulator names on the command line.
@@ -348,12 +378,21 @@ pub struct RunArgs {
     #[arg(long)]
     pub gptq: bool,
     /// Inlier bits of the layer: the array's b (default), or 2b on a --multi-precision array.
-    #[arg(long, value_name = "BITS")]
+    #[arg(long, value_name = "BITS", conflicts_with = "image_set")]
     pub layer_bits: Option<u32>,
-    /// Activations: seeded random integers, or real inputs of the MiniLM layer captured on
-    /// held-out sentences and quantized to A bits per token.
-    #[arg(long, value_enum, default_value = "random")]
-    pub activations: ActivationsArg,
+    /// Activations: seeded random integers (the default), or the layer's own inputs captured
+    /// on held-out sentences (real, MiniLM only) or on the calibration text (calibration, the
+    /// default with --image-set), quantized to A bits per token.
+    #[arg(long, value_enum)]
+    pub activations: Option<ActivationsArg>,
+    /// Simulate a layer of this image set, written by `quantize --all-layers`, instead of
+    /// quantizing --tensor. The set's configuration applies, and options that change it are
+    /// rejected.
+    #[arg(long, value_name = "DIR", requires = "layer", conflicts_with_all = ["gptq", "tensor", "weights", "layout"])]
+    pub image_set: Option<PathBuf>,
+    /// The layer of --image-set to simulate: its tensor name or its folder name.
+    #[arg(long, value_name = "NAME", requires = "image_set")]
+    pub layer: Option<String>,
     /// Keep the Verilator build and run files here (they are kept anyway on a mismatch).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
@@ -391,6 +430,10 @@ pub struct EvalArgs {
     /// Draw perplexity and cosine against EBW as an SVG plot to this file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Calibrate GPTQ layer by layer: each layer on the inputs it receives when every layer
+    /// before it is already quantized, instead of on the FP32 model's inputs.
+    #[arg(long)]
+    pub sequential: bool,
     /// Print one JSON object per row instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -546,6 +589,8 @@ struct Manifest {
     format_version: u32,
     generator_version: &'static str,
     config_hash: String,
+    /// `rtn` (round to nearest) or `gptq`.
+    method: &'static str,
     rounding: &'static str,
     tensor: String,
     shape: [usize; 2],
@@ -572,9 +617,15 @@ struct LayerImage {
     manifest: Manifest,
 }
 
-/// Quantizes one tensor, builds its image with seeded activations and checks it.
+/// Quantizes one tensor with round to nearest, builds its image with seeded activations and
+/// checks it.
 fn build_layer_image(r: &Resolved, weights: &Matrix, vectors: usize, seed: u64) -> Result<LayerImage, String> {
-    let layer = quantizer::quantize(weights, r);
+    layer_image(r, weights, quantizer::quantize(weights, r), "rtn", vectors, seed)
+}
+
+/// Builds the image of `layer`, quantized from `weights` by `method`, with seeded
+/// activations, and checks it.
+fn layer_image(r: &Resolved, weights: &Matrix, layer: quantizer::QuantizedLayer, method: &'static str, vectors: usize, seed: u64) -> Result<LayerImage, String> {
     let acts = flow::random_activations(vectors, layer.k_pad, r.a, seed);
     let image = image::build(&layer, r, &acts);
     flow::check_image_dequantization(&layer, r, &image)?;
@@ -590,6 +641,7 @@ fn build_layer_image(r: &Resolved, weights: &Matrix, vectors: usize, seed: u64) 
         format_version: image::FORMAT_VERSION,
         generator_version: generator::VERSION,
         config_hash: r.hash.clone(),
+        method,
         rounding: r.rounding.name(),
         tensor: weights.name.clone(),
         shape: [weights.rows, weights.cols],
@@ -681,21 +733,96 @@ fn quantize(args: QuantizeArgs) -> Result<i32, String> {
     Ok(0)
 }
 
-/// One layer of an image set's manifest.
-#[derive(Serialize)]
-struct SetLayer {
-    tensor: String,
-    folder: String,
-    shape: [usize; 2],
-    ebw: f64,
-    outliers: usize,
-    demoted: usize,
-    repaired: usize,
-    relative_error: f64,
-    cycles_predicted: u64,
+fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String> {
+    let (items, records, calibration) = if args.gptq {
+        let (items, records, calibration) = gptq_layer_images(args, r)?;
+        (items, records.into_iter().map(Some).collect(), Some(calibration))
+    } else {
+        let items = rtn_layer_images(args, r)?;
+        let records = vec![None; items.len()];
+        (items, records, None)
+    };
+    let entries: Vec<SetLayer> = items
+        .iter()
+        .zip(records)
+        .enumerate()
+        .map(|(i, (item, gptq))| SetLayer {
+            tensor: item.manifest.tensor.clone(),
+            folder: layer_folder(i, &item.manifest.tensor),
+            shape: item.manifest.shape,
+            ebw: item.manifest.ebw,
+            outliers: item.layer.stats.outliers,
+            demoted: item.layer.stats.demoted,
+            repaired: item.layer.stats.repaired,
+            relative_error: item.layer.stats.relative_error,
+            cycles_predicted: item.manifest.cycles_predicted,
+            gptq,
+        })
+        .collect();
+    let total_bits: u64 = items.iter().map(|i| i.manifest.weight_image_bits).sum();
+    let total_weights: usize = items.iter().map(|i| i.manifest.shape[0] * i.manifest.shape[1]).sum();
+    let mut routing = vec![quantizer::RoutingCounts::default(); r.max_pairs + 1];
+    for item in &items {
+        for (sum, counts) in routing.iter_mut().zip(&item.layer.stats.routing) {
+            sum.add(counts);
+        }
+    }
+    let weights_file = match args.model {
+        ModelArg::Minilm => Some(args.tensor.weights.clone().unwrap_or_else(default_weights).display().to_string()),
+        ModelArg::Glassllm => None,
+    };
+    let set_manifest = SetManifest {
+        format_version: image::FORMAT_VERSION,
+        generator_version: generator::VERSION.to_string(),
+        config_hash: r.hash.clone(),
+        config: r.to_toml(),
+        model: format!("{:?}", args.model).to_lowercase(),
+        weights_file,
+        method: if args.gptq { "gptq" } else { "rtn" }.to_string(),
+        calibration,
+        weights: total_weights,
+        ebw: total_bits as f64 / total_weights as f64,
+        routing,
+        layers: entries,
+    };
+    let text = serde_json::to_string_pretty(&set_manifest).expect("manifest serialises");
+    image::write_dir_atomically(&args.out, |dir| {
+        for (entry, item) in set_manifest.layers.iter().zip(&items) {
+            let sub = dir.join(&entry.folder);
+            std::fs::create_dir_all(&sub)?;
+            write_layer_files(&sub, r, item)?;
+        }
+        image::write_atomically(&dir.join("manifest.json"), text.as_bytes())
+    })
+    .map_err(|e| format!("cannot write the image set to {}: {e}", args.out.display()))?;
+    if args.json {
+        println!("{text}");
+        return Ok(0);
+    }
+    let entries = &set_manifest.layers;
+    println!("  {:<48} {:>12} {:>7} {:>9}", "layer", "shape", "EBW", "outliers");
+    for e in entries {
+        println!("  {:<48} {:>12} {:>7.3} {:>9}", e.tensor, format!("{}x{}", e.shape[0], e.shape[1]), e.ebw, e.outliers);
+    }
+    print_routing(&set_manifest.routing);
+    println!("  {} layers, {} weights, EBW {:.3}; image set in {}", entries.len(), total_weights, set_manifest.ebw, args.out.display());
+    if let Some(c) = &set_manifest.calibration {
+        let mode = if c.sequential { "sequential" } else { "parallel" };
+        let fallbacks = entries.iter().filter(|e| e.gptq.as_ref().is_some_and(|g| g.fell_back_to_rtn)).count();
+        println!("  GPTQ ({mode} calibration) on {} samples, {} tokens: {}", c.samples, c.tokens, c.text);
+        println!("  layers that fell back to round to nearest: {fallbacks}");
+    }
+    println!("  simulate one layer with: microscopiq simulate --image {}/{}", args.out.display(), entries[0].folder);
+    println!(
+        "  or with calibration activations: microscopiq run --image-set {} --layer {}",
+        args.out.display(),
+        entries[0].tensor
+    );
+    Ok(0)
 }
 
-fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String> {
+/// Quantizes every selected linear layer with round to nearest.
+fn rtn_layer_images(args: &QuantizeArgs, r: &Resolved) -> Result<Vec<LayerImage>, String> {
     let layers = model_layers(args)?;
     if layers.is_empty() {
         return Err(format!("no linear layer matches `{}`; check --layers and --weights", args.layers));
@@ -709,61 +836,130 @@ fn quantize_all_layers(args: &QuantizeArgs, r: &Resolved) -> Result<i32, String>
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let entries: Vec<SetLayer> = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| SetLayer {
-            tensor: item.manifest.tensor.clone(),
-            folder: layer_folder(i, &item.manifest.tensor),
-            shape: item.manifest.shape,
-            ebw: item.manifest.ebw,
-            outliers: item.layer.stats.outliers,
-            demoted: item.layer.stats.demoted,
-            repaired: item.layer.stats.repaired,
-            relative_error: item.layer.stats.relative_error,
-            cycles_predicted: item.manifest.cycles_predicted,
-        })
-        .collect();
-    let total_bits: u64 = items.iter().map(|i| i.manifest.weight_image_bits).sum();
-    let total_weights: usize = items.iter().map(|i| i.manifest.shape[0] * i.manifest.shape[1]).sum();
-    let mut routing = vec![quantizer::RoutingCounts::default(); r.max_pairs + 1];
-    for item in &items {
-        for (sum, counts) in routing.iter_mut().zip(&item.layer.stats.routing) {
-            sum.add(counts);
+    Ok(items)
+}
+
+/// Image of each layer, its GPTQ facts, and the calibration of a GPTQ image set.
+type GptqImages = (Vec<LayerImage>, Vec<GptqRecord>, CalibrationRecord);
+
+/// Loads the chosen model and its calibration samples, then quantizes every selected layer
+/// with GPTQ.
+fn gptq_layer_images(args: &QuantizeArgs, r: &Resolved) -> Result<GptqImages, String> {
+    match args.model {
+        ModelArg::Minilm => {
+            let path = args.tensor.weights.clone().unwrap_or_else(default_weights);
+            let (model, tokenizer) = load_minilm_folder(&path)?;
+            let set = calibration::minilm_calibration(&tokenizer)?;
+            let prefix = args.layers.clone();
+            gptq_images(model, set, &|name: &str| name.starts_with(&prefix), args, r)
+        }
+        ModelArg::Glassllm => {
+            let (model, tokenizer) = load_glassllm()?;
+            let set = calibration::glassllm_calibration(&model, &tokenizer)?;
+            gptq_images(model, set, &|_: &str| true, args, r)
         }
     }
-    let set_manifest = serde_json::json!({
-        "format_version": image::FORMAT_VERSION,
-        "generator_version": generator::VERSION,
-        "config_hash": r.hash,
-        "model": format!("{:?}", args.model).to_lowercase(),
-        "weights": total_weights,
-        "ebw": total_bits as f64 / total_weights as f64,
-        "routing": routing,
-        "layers": entries,
-    });
-    let text = serde_json::to_string_pretty(&set_manifest).expect("manifest serialises");
-    image::write_dir_atomically(&args.out, |dir| {
-        for (entry, item) in entries.iter().zip(&items) {
-            let sub = dir.join(&entry.folder);
-            std::fs::create_dir_all(&sub)?;
-            write_layer_files(&sub, r, item)?;
+}
+
+/// Loads MiniLM and its tokenizer from the folder of the safetensors file `weights`, which
+/// must be that folder's `model.safetensors`, because calibration runs the whole model.
+fn load_minilm_folder(weights: &Path) -> Result<(crate::models::minilm::MiniLm, crate::models::wordpiece::WordPiece), String> {
+    let folder = weights.parent().unwrap_or(Path::new("."));
+    if weights.file_name().and_then(|n| n.to_str()) != Some("model.safetensors") {
+        return Err(format!(
+            "invalid --weights {}: GPTQ calibration runs the whole MiniLM model, so --weights must name              the model.safetensors of a model folder that also contains config.json and tokenizer.json",
+            weights.display()
+        ));
+    }
+    let model = crate::models::minilm::MiniLm::load(folder).map_err(|e| e.to_string())?;
+    let tokenizer = crate::models::wordpiece::WordPiece::load(folder).map_err(|e| e.to_string())?;
+    Ok((model, tokenizer))
+}
+
+/// Loads glassllm and its tokenizer from the models folder.
+fn load_glassllm() -> Result<(crate::models::glassllm::GlassLlm, crate::models::bpe::BpeTokenizer), String> {
+    let dir = weights::models_dir().join("glassllm");
+    let model = crate::models::glassllm::GlassLlm::load(&dir.join("en.npz")).map_err(|e| e.to_string())?;
+    let tokenizer = crate::models::bpe::BpeTokenizer::load(&dir.join("en.tokenizer.json")).map_err(|e| e.to_string())?;
+    Ok((model, tokenizer))
+}
+
+/// Calibrates `model` on `set`, in parallel or sequentially as `args.sequential` selects, and quantizes
+/// every layer that `selected` accepts with GPTQ, in execution order.
+fn gptq_images<M: LinearModel>(
+    model: M,
+    mut set: CalibrationSet,
+    selected: &dyn Fn(&str) -> bool,
+    args: &QuantizeArgs,
+    r: &Resolved,
+) -> Result<GptqImages, String> {
+    if let Some(count) = args.calibration_samples {
+        if count == 0 || count > set.samples.len() {
+            return Err(format!("invalid --calibration-samples {count}: choose 1 to {}", set.samples.len()));
         }
-        image::write_atomically(&dir.join("manifest.json"), text.as_bytes())
-    })
-    .map_err(|e| format!("cannot write the image set to {}: {e}", args.out.display()))?;
-    if args.json {
-        println!("{text}");
+        set.truncate(count);
+    }
+    let names: Vec<String> = model.layers().into_iter().map(|(name, _, _)| name).filter(|name| selected(name)).collect();
+    if names.is_empty() {
+        return Err(format!("no linear layer of {} matches `{}`; check --layers", model.model_name(), args.layers));
+    }
+    let calibration = CalibrationRecord { text: set.text(), samples: set.samples.len(), tokens: set.tokens(), sequential: args.sequential };
+
+    let quantize_one = |weight: &Matrix, hessian: &crate::hessian::Hessian| -> Result<(LayerImage, GptqRecord), String> {
+        let name = &weight.name;
+        let (layer, info) = crate::gptq::quantize_gptq(weight, hessian, r, &crate::gptq::GptqOptions::default()).map_err(|e| {
+            format!("GPTQ of layer `{name}` failed: {e}; check the model weights and the calibration text, or quantize without --gptq")
+        })?;
+        let item = layer_image(r, weight, layer, "gptq", args.vectors, args.seed).map_err(|e| format!("layer `{name}`: {e}"))?;
+        Ok((item, GptqRecord::from(&info)))
+    };
+    let style = ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template");
+    let new_bar = |length: usize| if args.json { ProgressBar::hidden() } else { ProgressBar::new(length as u64).with_style(style.clone()) };
+
+    let mut done: Vec<Option<(LayerImage, GptqRecord)>> = names.iter().map(|_| None).collect();
+    if args.sequential {
+        let bar = new_bar(names.len());
+        let mut model = model;
+        calibration::quantize_sequential(
+            &mut model,
+            &set,
+            selected,
+            &mut |name, weight, hessian| {
+                let (item, record) = quantize_one(weight, hessian)?;
+                let dequant = item.layer.dequant.iter().map(|&v| v as f32).collect();
+                let index = names.iter().position(|n| n == name).expect("selected layers are in `names`");
+                done[index] = Some((item, record));
+                Ok(Matrix::new(name, weight.rows, weight.cols, dequant))
+            },
+            &bar,
+        )?;
+        bar.finish_and_clear();
     } else {
-        println!("  {:<48} {:>12} {:>7} {:>9}", "layer", "shape", "EBW", "outliers");
-        for e in &entries {
-            println!("  {:<48} {:>12} {:>7.3} {:>9}", e.tensor, format!("{}x{}", e.shape[0], e.shape[1]), e.ebw, e.outliers);
+        let bar = new_bar(set.samples.len());
+        bar.set_message(format!("calibrating {} on {} samples", model.model_name(), set.samples.len()));
+        let accumulated = calibration::parallel_hessians(&model, &set, selected, &bar)?;
+        bar.finish_and_clear();
+        let bar = new_bar(names.len());
+        for (slot, name) in done.iter_mut().zip(&names) {
+            bar.set_message(format!("GPTQ {name}"));
+            let hessian = accumulated
+                .layer(name)
+                .ok_or_else(|| format!("layer `{name}` received no calibration input"))?
+                .hessian()
+                .map_err(|e| e.to_string())?;
+            *slot = Some(quantize_one(&model.weight(name), &hessian)?);
+            bar.inc(1);
         }
-        print_routing(&routing);
-        println!("  {} layers, {} weights, EBW {:.3}; image set in {}", entries.len(), total_weights, set_manifest["ebw"].as_f64().unwrap_or(0.0), args.out.display());
-        println!("  simulate one layer with: microscopiq simulate --image {}/{}", args.out.display(), entries[0].folder);
+        bar.finish_and_clear();
     }
-    Ok(0)
+    let mut items = Vec::with_capacity(names.len());
+    let mut records = Vec::with_capacity(names.len());
+    for (slot, name) in done.into_iter().zip(&names) {
+        let (item, record) = slot.ok_or_else(|| format!("sequential calibration skipped layer `{name}`"))?;
+        items.push(item);
+        records.push(record);
+    }
+    Ok((items, records, calibration))
 }
 
 /// Prints the routing outcomes of all layers by number of outlier candidates per micro-block.
@@ -924,22 +1120,34 @@ fn print_comparison(c: &simulation::Comparison, work_dir: &Path, removed: bool) 
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
+    if args.vectors == 0 {
+        return Err("invalid --vectors 0: at least one activation vector is needed".into());
+    }
+    if let Some(dir) = &args.image_set {
+        return run_image_set(&args, dir);
+    }
     let array = args.config.resolve()?;
     let r = array
         .layer_config(args.layer_bits.unwrap_or(array.b))
         .map_err(|e| format!("--layer-bits: {e}"))?
         .clone();
     let weights = args.tensor.load()?;
-    if args.vectors == 0 {
-        return Err("invalid --vectors 0: at least one activation vector is needed".into());
-    }
     let bar = spinner(args.json);
-    let activations = if args.activations == ActivationsArg::Real {
-        bar.set_message(format!("capturing the inputs of {} on held-out sentences", args.tensor.tensor));
-        let rows = flow::capture_minilm_inputs(&args.tensor.tensor, args.vectors)?;
-        Some(flow::quantize_activations(&rows, r.a))
-    } else {
-        None
+    let activations = match args.activations.unwrap_or(ActivationsArg::Random) {
+        ActivationsArg::Random => None,
+        ActivationsArg::Real => {
+            bar.set_message(format!("capturing the inputs of {} on held-out sentences", args.tensor.tensor));
+            let rows = flow::capture_minilm_inputs(&args.tensor.tensor, args.vectors)?;
+            Some(flow::quantize_activations(&rows, r.a))
+        }
+        ActivationsArg::Calibration => {
+            bar.set_message(format!("capturing the inputs of {} on the calibration text", args.tensor.tensor));
+            let path = args.tensor.weights.clone().unwrap_or_else(default_weights);
+            let (model, tokenizer) = load_minilm_folder(&path)?;
+            let set = calibration::minilm_calibration(&tokenizer)?;
+            let rows = calibration::capture_layer_inputs(&model, &set, &args.tensor.tensor, args.vectors)?;
+            Some(flow::quantize_activations(&rows, r.a))
+        }
     };
     let hessian = if args.gptq {
         bar.set_message("calibrating MiniLM for GPTQ on the calibration sentences");
@@ -972,14 +1180,23 @@ fn run(args: RunArgs) -> Result<i32, String> {
         &|event| simulation_progress.show(event),
     )?;
     bar.finish_and_clear();
+    Ok(print_run_report(&report, &array, args.json, &[]))
+}
+
+/// Prints a run report as JSON or as a table with `extra` rows after the configuration, and
+/// returns the exit code: 0 when the RTL matches the golden model, 1 when it does not.
+fn print_run_report(report: &flow::RunReport, r: &Resolved, json: bool, extra: &[(&str, String)]) -> i32 {
     let passed = report.mismatches == 0 && report.cycles == report.cycles_predicted;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string(&report).expect("report serialises"));
     } else {
-        print_table(&[
+        let mut rows = vec![
             ("tensor", format!("{} [{} x {}]", report.tensor, report.shape[0], report.shape[1])),
-            ("config", format!("{} ({}x{} array, b = {}, A = {}, M = {})", report.config_hash, array.rows, array.cols, array.b, array.a, array.m)),
+            ("config", format!("{} ({}x{} array, b = {}, A = {}, M = {})", report.config_hash, r.rows, r.cols, r.b, r.a, r.m)),
             ("layer weights", format!("W{}", report.weight_bits)),
+        ];
+        rows.extend(extra.iter().cloned());
+        rows.extend([
             ("EBW (bits/weight)", format!("{:.3}", report.ebw)),
             ("outliers / pruned", format!("{} / {}", report.outliers, report.pruned)),
             ("relative error", format!("{:.5}", report.relative_error)),
@@ -989,6 +1206,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             ("cycles (RTL / predicted)", format!("{} / {}", report.cycles, report.cycles_predicted)),
             ("verilator", report.verilator_version.clone()),
         ]);
+        print_table(&rows);
         if let Some(m) = &report.first_mismatch {
             println!(
                 "first mismatch: tile {}, vector {}, column {}, cycle {}: expected {}, got {}",
@@ -1003,7 +1221,177 @@ fn run(args: RunArgs) -> Result<i32, String> {
         }
         println!("{}", if passed { "PASS: RTL matches the golden model" } else { "FAIL: RTL differs from the golden model" });
     }
-    Ok(if passed { 0 } else { 1 })
+    if passed {
+        0
+    } else {
+        1
+    }
+}
+
+/// Simulates layer `--layer` of the image set in `dir` with activations captured on the
+/// calibration text (or seeded ones), after checking the configuration against the set's.
+fn run_image_set(args: &RunArgs, dir: &Path) -> Result<i32, String> {
+    let name = args.layer.as_deref().expect("clap requires --layer with --image-set");
+    let manifest = SetManifest::read(dir)?;
+    let entry = manifest.layer(name)?;
+    let r = args.config.resolve_over(manifest.parsed_config()?).map_err(|e| {
+        format!("the configuration options do not fit the configuration of image set {}: {e}; drop them to use the set's", dir.display())
+    })?;
+    manifest.check_config(&r, dir)?;
+    let folder = dir.join(&entry.folder);
+    let (stored, mut image, _) = read_image_dir(&folder)?;
+    if stored.hash != manifest.config_hash {
+        return Err(format!(
+            "{}: config.toml has configuration {}, but the set manifest records {}; quantize the set again",
+            folder.display(),
+            stored.hash,
+            manifest.config_hash
+        ));
+    }
+    let layer = stored_layer(&folder, &r, entry)?;
+    if layer.k_pad != image.k_tiles * r.rows {
+        return Err(format!("{}: the image has {} row tiles, which does not match the layer shape; quantize the set again", folder.display(), image.k_tiles));
+    }
+
+    let bar = spinner(args.json);
+    let (vectors, source) = match args.activations.unwrap_or(ActivationsArg::Calibration) {
+        ActivationsArg::Random => (flow::random_activations(args.vectors, layer.k_pad, r.a, args.seed), format!("seeded random, seed {}", args.seed)),
+        ActivationsArg::Calibration => {
+            bar.set_message(format!("capturing the inputs of {} on the calibration text", entry.tensor));
+            let (rows, source) = capture_set_inputs(&manifest, entry, dir, args.vectors)?;
+            (flow::quantize_activations(&rows, r.a), source)
+        }
+        ActivationsArg::Real => {
+            return Err("--activations real captures held-out MiniLM sentences and is not available with --image-set; \
+                        use --activations calibration (the default) or random"
+                .into())
+        }
+    };
+    image.vectors = vectors.len();
+    image.act_words = image::pack_activations(&vectors, layer.k_pad, &r);
+    let options = RunOptions { work_dir: args.keep.clone(), trace: args.trace, coverage: args.coverage, ..RunOptions::default() };
+    let simulation_progress = SimulationProgress::new(&bar, args.json);
+    let report = flow::run_image(
+        &r,
+        &r,
+        &layer,
+        &image,
+        &vectors,
+        &options,
+        &|step| bar.set_message(step.to_string()),
+        &|event| simulation_progress.show(event),
+    )?;
+    bar.finish_and_clear();
+    let mode = match &manifest.calibration {
+        Some(c) if c.sequential => "gptq, sequential calibration",
+        Some(_) => "gptq, parallel calibration",
+        None => "round to nearest",
+    };
+    let extra = [("image set", format!("{} ({mode})", folder.display())), ("activations", source)];
+    Ok(print_run_report(&report, &r, args.json, &extra))
+}
+
+/// Rebuilds the parts of a quantized layer that the checks of `flow::run_image` read from the
+/// files of a layer image: the shape, the base exponents, the dequantized weights and the
+/// counts of its manifest.
+fn stored_layer(folder: &Path, r: &Resolved, entry: &SetLayer) -> Result<quantizer::QuantizedLayer, String> {
+    let path = folder.join("dequant.safetensors");
+    let dequant = weights::load_matrix(&path, &entry.tensor, Layout::OutIn).map_err(|e| e.to_string())?;
+    if [dequant.rows, dequant.cols] != entry.shape {
+        return Err(format!(
+            "{}: `{}` is [{} x {}], but the set manifest records [{} x {}]; quantize the set again",
+            path.display(),
+            entry.tensor,
+            dequant.rows,
+            dequant.cols,
+            entry.shape[0],
+            entry.shape[1]
+        ));
+    }
+    let mut layer = quantizer::QuantizedLayer::empty(&dequant, r);
+    layer.dequant = dequant.data.iter().map(|&v| f64::from(v)).collect();
+
+    let bases_path = folder.join("bases.hex");
+    let text = std::fs::read_to_string(&bases_path).map_err(|e| format!("cannot read {}: {e}; quantize the set again", bases_path.display()))?;
+    let bases = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            u8::from_str_radix(line.trim(), 16)
+                .map(crate::formats::E8m0)
+                .map_err(|e| format!("{} line {}: invalid base exponent `{line}`: {e}; quantize the set again", bases_path.display(), i + 1))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if bases.len() != layer.bases.len() {
+        return Err(format!("{}: {} base exponents, the layer needs {}; quantize the set again", bases_path.display(), bases.len(), layer.bases.len()));
+    }
+    layer.bases = bases;
+
+    let manifest_path = folder.join("manifest.json");
+    let manifest: serde_json::Value = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+        .map_err(|e| format!("cannot read {}: {e}; quantize the set again", manifest_path.display()))?;
+    let stats = &manifest["stats"];
+    let count = |key: &str| stats[key].as_u64().map(|v| v as usize).ok_or_else(|| format!("{} lacks `stats.{key}`; quantize the set again", manifest_path.display()));
+    layer.stats.weights = count("weights")?;
+    layer.stats.outliers = count("outliers")?;
+    layer.stats.pruned = count("pruned")?;
+    layer.stats.demoted = count("demoted")?;
+    layer.stats.flagged_ublocks = count("flagged_ublocks")?;
+    layer.stats.relative_error = stats["relative_error"].as_f64().unwrap_or(f64::NAN);
+    Ok(layer)
+}
+
+/// Captures the first `count` input rows of the set's layer `entry` on the calibration
+/// samples the set was quantized with, through the set's model, and describes the source.
+///
+/// In a set calibrated sequentially, every layer before `entry` runs with its dequantized
+/// weights from the set, so the rows are the inputs that calibrated the layer.
+fn capture_set_inputs(manifest: &SetManifest, entry: &SetLayer, dir: &Path, count: usize) -> Result<(Vec<Vec<f32>>, String), String> {
+    match manifest.model.as_str() {
+        "minilm" => {
+            let path = manifest.weights_file.as_ref().map(PathBuf::from).unwrap_or_else(default_weights);
+            let (model, tokenizer) = load_minilm_folder(&path)?;
+            let set = calibration::minilm_calibration(&tokenizer)?;
+            capture_through(model, set, manifest, entry, dir, count)
+        }
+        "glassllm" => {
+            let (model, tokenizer) = load_glassllm()?;
+            let set = calibration::glassllm_calibration(&model, &tokenizer)?;
+            capture_through(model, set, manifest, entry, dir, count)
+        }
+        other => Err(format!("{}: unknown model `{other}` in the set manifest; quantize the set again", dir.display())),
+    }
+}
+
+fn capture_through<M: LinearModel>(
+    mut model: M,
+    mut set: CalibrationSet,
+    manifest: &SetManifest,
+    entry: &SetLayer,
+    dir: &Path,
+    count: usize,
+) -> Result<(Vec<Vec<f32>>, String), String> {
+    if let Some(c) = &manifest.calibration {
+        set.truncate(c.samples);
+    }
+    let sequential = manifest.calibration.as_ref().is_some_and(|c| c.sequential);
+    if sequential {
+        for (name, _, _) in model.layers() {
+            if name == entry.tensor {
+                break;
+            }
+            let Ok(earlier) = manifest.layer(&name) else { continue };
+            let path = dir.join(&earlier.folder).join("dequant.safetensors");
+            let dequant = weights::load_matrix(&path, &name, Layout::OutIn).map_err(|e| e.to_string())?;
+            model.set_weight(&name, &dequant).map_err(|e| format!("{}: {e}; quantize the set again", path.display()))?;
+        }
+    }
+    let rows = calibration::capture_layer_inputs(&model, &set, &entry.tensor, count)?;
+    let through = if sequential { "the earlier layers quantized as in the set" } else { "the FP32 model" };
+    let source = format!("{count} token rows of the calibration text through {through}, quantized per token");
+    Ok((rows, source))
 }
 
 fn lint(args: ConfigArgs) -> Result<i32, String> {
@@ -1088,6 +1476,7 @@ fn eval(args: EvalArgs) -> Result<i32, String> {
         windows: args.windows,
         sentences: args.sentences,
         config: args.config.config()?,
+        sequential: args.sequential,
         ..eval::EvalOptions::default()
     };
     let progress = if args.json {

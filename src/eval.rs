@@ -27,6 +27,7 @@ use std::sync::Arc;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Serialize, Serializer};
 
+use crate::calibration::{self, CalibrationSet, LinearModel};
 use crate::config::{Config, Overrides, Resolved};
 use crate::formats::{quantize_mx_fp_block, FpKind, Rounding};
 use crate::gptq::{self, GptqOptions};
@@ -407,6 +408,9 @@ pub struct EvalOptions {
     /// Configuration of the MX-INT and MicroScopiQ methods; each bit width of `bits`
     /// replaces its `weight_bits`.
     pub config: Config,
+    /// Calibrate the GPTQ methods sequentially: each group of layers on the inputs of a model
+    /// whose earlier layers are already quantized (see [`calibration::quantize_sequential`]).
+    pub sequential: bool,
 }
 
 impl Default for EvalOptions {
@@ -417,6 +421,7 @@ impl Default for EvalOptions {
             windows: None,
             sentences: DEFAULT_SENTENCES,
             config: Config::default_config(),
+            sequential: false,
         }
     }
 }
@@ -433,42 +438,6 @@ pub fn evaluate(model: EvalModel, options: &EvalOptions, progress: &MultiProgres
     match model {
         EvalModel::GlassLlm => evaluate_glassllm(options, progress),
         EvalModel::MiniLm => evaluate_minilm(options, progress),
-    }
-}
-
-/// The operations on a model's linear layers that the evaluation needs.
-pub(crate) trait LinearModel: Clone + Sync {
-    /// Names, `[out, in]` shapes, in execution order.
-    fn layers(&self) -> Vec<(String, usize, usize)>;
-    fn weight(&self, name: &str) -> Matrix;
-    fn set_weight(&mut self, name: &str, weight: &Matrix) -> Result<(), String>;
-}
-
-impl LinearModel for GlassLlm {
-    fn layers(&self) -> Vec<(String, usize, usize)> {
-        self.linear_layers()
-    }
-
-    fn weight(&self, name: &str) -> Matrix {
-        self.linear_weight(name).expect("name comes from linear_layers")
-    }
-
-    fn set_weight(&mut self, name: &str, weight: &Matrix) -> Result<(), String> {
-        self.set_linear_weight(name, weight).map_err(|e| e.to_string())
-    }
-}
-
-impl LinearModel for MiniLm {
-    fn layers(&self) -> Vec<(String, usize, usize)> {
-        self.linear_layers()
-    }
-
-    fn weight(&self, name: &str) -> Matrix {
-        self.linear_weight(name).expect("name comes from linear_layers")
-    }
-
-    fn set_weight(&mut self, name: &str, weight: &Matrix) -> Result<(), String> {
-        self.set_linear_weight(name, weight).map_err(|e| e.to_string())
     }
 }
 
@@ -550,7 +519,17 @@ fn quantize_model<M: LinearModel>(
         Ok::<_, String>((quantized, error))
     });
 
-    let mut model = base.clone();
+    collect_quantized(base.clone(), &layers, results)
+}
+
+/// Puts every quantized layer into `model` and sums up the storage, the worst layer error and
+/// the GPTQ fallbacks. `results` contains each layer's quantized weights and relative output
+/// error, or the error that stopped its quantization, in the order of `layers`.
+fn collect_quantized<M: LinearModel>(
+    mut model: M,
+    layers: &[(String, usize, usize)],
+    results: Vec<Result<(QuantizedWeight, f64), String>>,
+) -> Result<QuantizedModel<M>, String> {
     let mut storage_bits = 0u64;
     let mut weights = 0u64;
     let mut worst = (0.0f64, String::new());
@@ -572,6 +551,41 @@ fn quantize_model<M: LinearModel>(
         worst_layer: worst.1,
         fallback_layers,
     })
+}
+
+/// Quantizes every linear layer of `base` with GPTQ under `config`, calibrating each group of
+/// layers sequentially on `set` (see [`calibration::quantize_sequential`]). `bar` advances
+/// once per layer.
+fn quantize_model_sequential<M: LinearModel>(
+    base: &M,
+    config: &Resolved,
+    set: &CalibrationSet,
+    inputs: &CapturedInputs,
+    bar: &ProgressBar,
+) -> Result<QuantizedModel<M>, String> {
+    let layers = base.layers();
+    let mut model = base.clone();
+    let mut results: HashMap<String, (QuantizedWeight, f64)> = HashMap::new();
+    calibration::quantize_sequential(
+        &mut model,
+        set,
+        &|_| true,
+        &mut |name, weight, hessian| {
+            let (layer, info) =
+                gptq::quantize_gptq(weight, hessian, config, &GptqOptions::default()).map_err(|e| e.to_string())?;
+            let quantized = packed_weight(weight, &layer, config, info.fell_back_to_rtn);
+            let error = inputs.relative_output_error(name, weight, &quantized.dequant);
+            let dequant = quantized.dequant.clone();
+            results.insert(name.to_string(), (quantized, error));
+            Ok(dequant)
+        },
+        bar,
+    )?;
+    let ordered = layers
+        .iter()
+        .map(|(name, _, _)| results.remove(name).ok_or_else(|| format!("sequential calibration skipped layer `{name}`")))
+        .collect();
+    collect_quantized(model, &layers, ordered)
 }
 
 /// Applies `f` to every item on all available threads and returns the results in item order.
@@ -666,8 +680,10 @@ struct Scoring<F> {
     score: F,
 }
 
-/// Runs every job on `base` and scores each quantized model. `calibrate` runs once, before
-/// any job, when a job needs layer Hessians.
+/// Runs every job on `base` and scores each quantized model. When a job needs calibration,
+/// `calibrate` runs once before any job, or with `options.sequential` `samples` does, and
+/// every GPTQ job calibrates sequentially on those samples.
+#[allow(clippy::too_many_arguments)]
 fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
     model: EvalModel,
     base: &M,
@@ -676,10 +692,20 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
     progress: &MultiProgress,
     scoring: Scoring<F>,
     calibrate: impl FnOnce() -> Result<Calibration, String>,
+    samples: impl FnOnce() -> Result<CalibrationSet, String>,
 ) -> Result<Vec<EvalRow>, String> {
     let Scoring { reference, empty, score } = scoring;
     let jobs = jobs(options);
-    let calibration = if jobs.iter().any(|(method, _)| method.needs_calibration()) {
+    let needs_calibration = jobs.iter().any(|(method, _)| method.needs_calibration());
+    let mut sequential_set = None;
+    let calibration = if needs_calibration && options.sequential {
+        // Each job calibrates on its own partly quantized model, so there are no shared
+        // Hessians. The empty map only lets the GPTQ methods prepare their configuration.
+        let set = samples()?;
+        let text = format!("{}; sequential: each layer on the inputs of the quantized layers before it", set.text());
+        sequential_set = Some(set);
+        Some((Arc::new(HashMap::new()), text))
+    } else if needs_calibration {
         let (hessians, text) = calibrate()?;
         Some((Arc::new(hessians), text))
     } else {
@@ -721,7 +747,10 @@ fn run_jobs<M: LinearModel, F: Fn(&M, &str) -> Metric>(
             Ok(quantizer) => {
                 let label = format!("{} W{bits}", method.name());
                 bar.set_message(format!("quantizing {label}"));
-                let quantized = quantize_model(base, &quantizer, inputs, &bar)?;
+                let quantized = match (&quantizer, &sequential_set) {
+                    (LayerQuantizer::Gptq { config, .. }, Some(set)) => quantize_model_sequential(base, config, set, inputs, &bar)?,
+                    _ => quantize_model(base, &quantizer, inputs, &bar)?,
+                };
                 let metric = score(&quantized.model, &label);
                 EvalRow {
                     model,
@@ -891,6 +920,7 @@ fn evaluate_glassllm(options: &EvalOptions, progress: &MultiProgress) -> Result<
             bar.set_message("calibrating GPTQ");
             calibrate_glassllm(&model, &tokenizer)
         },
+        || calibration::glassllm_calibration(&model, &tokenizer),
     );
     bar.finish_and_clear();
     rows
@@ -932,7 +962,7 @@ fn sentence_lines(path: &Path, chars: Range<usize>) -> Result<Vec<String>, Strin
 
 /// Describes the calibration text: each slice of [`hessian::CALIBRATION_TEXT`] and the
 /// number of samples (`unit`) taken in all.
-fn calibration_description(samples: usize, unit: &str) -> String {
+pub(crate) fn calibration_description(samples: usize, unit: &str) -> String {
     let slices: Vec<String> = hessian::CALIBRATION_TEXT
         .iter()
         .map(|slice| format!("{}.txt chars {}..{}", slice.play, slice.chars.start, slice.chars.end))
@@ -941,7 +971,7 @@ fn calibration_description(samples: usize, unit: &str) -> String {
 }
 
 /// Returns an error when a slice of [`hessian::CALIBRATION_TEXT`] is evaluation text.
-fn check_calibration_slices() -> Result<(), String> {
+pub(crate) fn check_calibration_slices() -> Result<(), String> {
     for slice in &hessian::CALIBRATION_TEXT {
         check_calibration_text(&format!("{}.txt", slice.play))?;
     }
@@ -969,9 +999,9 @@ pub(crate) fn calibrate_glassllm(model: &GlassLlm, tokenizer: &BpeTokenizer) -> 
     Ok((layer_hessians(&accumulated)?, text))
 }
 
-/// Accumulates MiniLM's layer Hessians on [`CALIBRATION_SENTENCES`] lines of the
-/// calibration text, taken from its plays in turn.
-pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibration, String> {
+/// Reads and tokenizes MiniLM's [`CALIBRATION_SENTENCES`] calibration lines, taken from
+/// the plays of [`hessian::CALIBRATION_TEXT`] in turn.
+pub fn minilm_calibration_sentences(tokenizer: &WordPiece) -> Result<Vec<Vec<u32>>, String> {
     check_calibration_slices()?;
     let mut plays = Vec::new();
     for slice in &hessian::CALIBRATION_TEXT {
@@ -985,7 +1015,13 @@ pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibra
         })?;
         sentences.push(tokenizer.encode(line));
     }
+    Ok(sentences)
+}
 
+/// Accumulates MiniLM's layer Hessians on [`CALIBRATION_SENTENCES`] lines of the
+/// calibration text, taken from its plays in turn.
+pub fn calibrate_minilm(model: &MiniLm, tokenizer: &WordPiece) -> Result<Calibration, String> {
+    let sentences = minilm_calibration_sentences(tokenizer)?;
     let mut accumulated = LayerHessians::new("minilm");
     for (sample, ids) in sentences.iter().enumerate() {
         let mut failure = None;
@@ -1081,6 +1117,7 @@ fn evaluate_minilm(options: &EvalOptions, progress: &MultiProgress) -> Result<Ve
             bar.set_message("calibrating GPTQ");
             calibrate_minilm(&model, &tokenizer)
         },
+        || calibration::minilm_calibration(&tokenizer),
     );
     bar.finish_and_clear();
     rows

@@ -260,11 +260,32 @@ pub fn run_layer_with_progress(
         None => random_activations(options.vectors, layer.k_pad, r.a, options.seed),
     };
     let image = image::build(&layer, r, &vectors);
+    run_image(design, r, &layer, &image, &vectors, options, progress, sim_progress)
+}
+
+/// Checks `image` against `layer` and the golden model against an exact GEMM, simulates the
+/// RTL and compares it with the golden model.
+///
+/// `vectors` are the activation vectors packed into `image` (`[v][k]` over the padded input
+/// channels). Of `options`, only the work folder, tracing and coverage apply, because the
+/// layer is already quantized and the activations already packed. `design` is the array
+/// that runs the layer of configuration `r`, as in [`run_layer`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_image(
+    design: &Resolved,
+    r: &Resolved,
+    layer: &QuantizedLayer,
+    image: &Image,
+    vectors: &[Vec<i64>],
+    options: &RunOptions,
+    progress: &dyn Fn(&str),
+    sim_progress: &dyn Fn(simulation::SimEvent),
+) -> Result<RunReport, String> {
     progress("checking the image against the quantizer");
-    check_image_dequantization(&layer, r, &image)?;
+    check_image_dequantization(layer, r, image)?;
     progress("running the golden model");
-    let prediction = golden::predict_on_array(r, &image, design.rows);
-    check_golden_against_gemm(&layer, r, &image, &prediction, &vectors)?;
+    let prediction = golden::predict_on_array(r, image, design.rows);
+    check_golden_against_gemm(layer, r, image, &prediction, vectors)?;
     let verilator_version = simulation::verilator_version().map_err(|e| e.to_string())?;
     progress("building and running the RTL with Verilator");
     let sim_options = SimOptions {
@@ -273,13 +294,13 @@ pub fn run_layer_with_progress(
         coverage: options.coverage,
         ..SimOptions::default()
     };
-    let sim = simulation::simulate_layer_with_progress(design, r, &image, prediction.cycles, &sim_options, sim_progress)
+    let sim = simulation::simulate_layer_with_progress(design, r, image, prediction.cycles, &sim_options, sim_progress)
         .map_err(|e| e.to_string())?;
     let comparison: Comparison = simulation::compare(&prediction, &sim, image.vectors);
     if !comparison.passed() && !options.trace {
         progress("simulating again with waveforms (waves.fst) for the mismatch");
         let retrace = SimOptions { work_dir: Some(sim.work_dir.clone()), trace: true, ..SimOptions::default() };
-        simulation::simulate_layer_with_progress(design, r, &image, prediction.cycles, &retrace, sim_progress)
+        simulation::simulate_layer_with_progress(design, r, image, prediction.cycles, &retrace, sim_progress)
             .map_err(|e| e.to_string())?;
     }
     let coverage = if options.coverage { simulation::coverage_summary(&sim.work_dir) } else { None };
@@ -290,9 +311,9 @@ pub fn run_layer_with_progress(
     Ok(RunReport {
         config_hash: design.hash.clone(),
         weight_bits: r.b,
-        tensor: weights.name.clone(),
-        shape: [weights.rows, weights.cols],
-        ebw: image::effective_bit_width(&layer, r, &image),
+        tensor: layer.name.clone(),
+        shape: [layer.n_out, layer.k_in],
+        ebw: image::effective_bit_width(layer, r, image),
         outliers: layer.stats.outliers,
         pruned: layer.stats.pruned,
         demoted: layer.stats.demoted,

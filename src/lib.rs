@@ -5,6 +5,7 @@
 //! integer-exact golden model, and checks generated RTL against that model with Verilator.
 
 pub mod bits;
+pub mod calibration;
 pub mod cli;
 pub mod config;
 pub mod eval;
@@ -15,6 +16,7 @@ pub mod golden;
 pub mod gptq;
 pub mod hessian;
 pub mod image;
+pub mod image_set;
 pub mod models;
 pub mod quantizer;
 pub mod recon;

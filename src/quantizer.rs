@@ -62,7 +62,7 @@ pub struct LayerStats {
 }
 
 /// Routing outcomes of the micro-blocks that share one number of outlier candidates.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoutingCounts {
     /// Micro-blocks with this many outlier candidates.
     pub ublocks: usize,

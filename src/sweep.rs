@@ -21,7 +21,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::config::{fnv1a64, Config, OutlierScope, Resolved};
-use crate::eval::{self, EvalModel, LinearModel, Metric};
+use crate::calibration::LinearModel;
+use crate::eval::{self, EvalModel, Metric};
 use crate::gptq::{self, GptqOptions};
 use crate::hessian::Hessian;
 use crate::models::bpe::BpeTokenizer;

@@ -147,6 +147,8 @@ fn generate_writes_multi_precision_rtl() {
         assert!(out.join(name).is_file(), "generate multi-precision 2x4 wrote no {name}");
     }
 }
+
+#[test]
 fn generate_rejects_unknown_outlier_scope() {
     assert_rejected(&["generate", "--outlier-scope", "row"], &["--outlier-scope", "column", "macro-block", "micro-block"]);
 }

@@ -352,19 +352,40 @@ impl GlassLlm {
     /// Panics if `tokens` is longer than `max_len` or contains an id of `vocab` or more.
     pub fn forward(&self, tokens: &[u32], capture: Option<&mut CaptureFn<'_>>) -> Vec<f32> {
         let config = &self.config;
+        let mut capture = capture;
+        let mut x = self.embed_tokens(tokens);
+        for index in 0..self.blocks.len() {
+            x = self.run_block(index, &x, capture.as_deref_mut());
+        }
+
+        let h = rms_norm(&x, &self.norm_f, config.eps as f32);
+        matmul(
+            &h,
+            &self.embedding_transposed,
+            tokens.len(),
+            config.d_model,
+            config.vocab,
+        )
+    }
+
+    /// Returns the number of transformer blocks.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Looks up the embedding rows of `tokens`: the `[tokens, d_model]` input of block 0.
+    ///
+    /// # Panics
+    ///
+    /// Panics as [`GlassLlm::forward`] does.
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Vec<f32> {
+        let config = &self.config;
         assert!(
             tokens.len() <= config.max_len,
             "glassllm forward: {} tokens exceed max_len {}",
             tokens.len(),
             config.max_len
         );
-        let mut capture = capture;
-        let mut report = |linear: &Linear, input: &[f32]| {
-            if let Some(callback) = capture.as_deref_mut() {
-                callback(&linear.name, input, linear.inputs);
-            }
-        };
-
         let mut x = Vec::with_capacity(tokens.len() * config.d_model);
         for &token in tokens {
             assert!(
@@ -375,42 +396,62 @@ impl GlassLlm {
             let row = token as usize * config.d_model;
             x.extend_from_slice(&self.embedding[row..row + config.d_model]);
         }
+        x
+    }
 
+    /// Runs block `index` on `x`, the `[tokens, d_model]` residual stream with row i at
+    /// position i, and returns the block's output.
+    ///
+    /// `capture` receives the input of each of the block's linear layers, as in
+    /// [`GlassLlm::forward`], which chains [`GlassLlm::embed_tokens`] and this for every block.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `index` is not a block, or if `x` is not whole rows of at most `max_len`
+    /// tokens.
+    pub fn run_block(&self, index: usize, x: &[f32], capture: Option<&mut CaptureFn<'_>>) -> Vec<f32> {
+        let config = &self.config;
+        let block = &self.blocks[index];
+        assert!(
+            x.len().is_multiple_of(config.d_model) && x.len() / config.d_model <= config.max_len,
+            "glassllm block {index}: {} values are not at most {} rows of {}",
+            x.len(),
+            config.max_len,
+            config.d_model
+        );
+        let tokens = x.len() / config.d_model;
+        let mut capture = capture;
+        let mut report = |linear: &Linear, input: &[f32]| {
+            if let Some(callback) = capture.as_deref_mut() {
+                callback(&linear.name, input, linear.inputs);
+            }
+        };
+        let mut x = x.to_vec();
         let eps = config.eps as f32;
-        for block in &self.blocks {
-            let linears = &block.linears;
+        let linears = &block.linears;
 
-            let h = rms_norm(&x, &block.norm1, eps);
-            report(&linears[W_Q], &h);
-            let mut q = linears[W_Q].apply(&h);
-            report(&linears[W_K], &h);
-            let mut k = linears[W_K].apply(&h);
-            report(&linears[W_V], &h);
-            let v = linears[W_V].apply(&h);
-            self.apply_rope(&mut q, linears[W_Q].outputs);
-            self.apply_rope(&mut k, linears[W_K].outputs);
-            let attention = self.attention(&q, &k, &v, tokens.len());
-            report(&linears[W_O], &attention);
-            add_in_place(&mut x, &linears[W_O].apply(&attention));
+        let h = rms_norm(&x, &block.norm1, eps);
+        report(&linears[W_Q], &h);
+        let mut q = linears[W_Q].apply(&h);
+        report(&linears[W_K], &h);
+        let mut k = linears[W_K].apply(&h);
+        report(&linears[W_V], &h);
+        let v = linears[W_V].apply(&h);
+        self.apply_rope(&mut q, linears[W_Q].outputs);
+        self.apply_rope(&mut k, linears[W_K].outputs);
+        let attention = self.attention(&q, &k, &v, tokens);
+        report(&linears[W_O], &attention);
+        add_in_place(&mut x, &linears[W_O].apply(&attention));
 
-            let h = rms_norm(&x, &block.norm2, eps);
-            report(&linears[W1], &h);
-            let gate = linears[W1].apply(&h);
-            report(&linears[W3], &h);
-            let up = linears[W3].apply(&h);
-            let hidden: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
-            report(&linears[W2], &hidden);
-            add_in_place(&mut x, &linears[W2].apply(&hidden));
-        }
-
-        let h = rms_norm(&x, &self.norm_f, eps);
-        matmul(
-            &h,
-            &self.embedding_transposed,
-            tokens.len(),
-            config.d_model,
-            config.vocab,
-        )
+        let h = rms_norm(&x, &block.norm2, eps);
+        report(&linears[W1], &h);
+        let gate = linears[W1].apply(&h);
+        report(&linears[W3], &h);
+        let up = linears[W3].apply(&h);
+        let hidden: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+        report(&linears[W2], &hidden);
+        add_in_place(&mut x, &linears[W2].apply(&hidden));
+        x
     }
 
     /// Rotates each head of `x`, a `[tokens, width]` buffer of heads of `head_dim` values,

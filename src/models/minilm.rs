@@ -489,6 +489,35 @@ impl MiniLm {
         hidden_states
     }
 
+    /// Returns the number of encoder layers.
+    pub fn encoder_layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Computes the embedding layer's output for `ids`: the `[tokens, hidden_size]` input of
+    /// encoder layer 0. Inputs and panics are as for [`MiniLm::embed`].
+    pub fn embedding_output(&self, ids: &[u32]) -> Vec<f32> {
+        self.embeddings(ids)
+    }
+
+    /// Runs encoder layer `index` on `input`, `[tokens, hidden_size]` row-major, and returns
+    /// its output. `capture` receives the inputs of the layer's linear layers, as in
+    /// [`MiniLm::embed`], which chains [`MiniLm::embedding_output`] and every encoder layer.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `index` is not an encoder layer or `input` is not whole rows.
+    pub fn run_encoder_layer(&self, index: usize, input: &[f32], capture: Option<Capture<'_>>) -> Vec<f32> {
+        let hidden = self.config.hidden_size;
+        assert!(
+            input.len().is_multiple_of(hidden),
+            "MiniLM encoder layer {index}: {} values are not whole rows of {hidden}",
+            input.len()
+        );
+        let mut capture = capture;
+        self.encoder_layer(&self.layers[index], input, input.len() / hidden, &mut capture)
+    }
+
     fn find_linear(&self, name: &str) -> Option<&Linear> {
         self.layers
             .iter()
