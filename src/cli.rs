@@ -440,7 +440,7 @@ pub struct EvalArgs {
     /// Sweep the outlier rule instead of comparing methods: MicroScopiQ without GPTQ for
     /// every scope of --scopes with every threshold of --k-sigmas and without outliers, then
     /// the best rules with GPTQ.
-    #[arg(long, conflicts_with_all = ["k_sigma", "outlier_scope"])]
+    #[arg(long, conflicts_with_all = ["k_sigma", "outlier_scope", "sequential"])]
     pub sweep_outliers: bool,
     /// Outlier thresholds of --sweep-outliers, in standard deviations.
     #[arg(long, value_delimiter = ',', default_value = "1.5,2,2.5,3,3.5,4", requires = "sweep_outliers")]
@@ -867,7 +867,8 @@ fn load_minilm_folder(weights: &Path) -> Result<(crate::models::minilm::MiniLm, 
     let folder = weights.parent().unwrap_or(Path::new("."));
     if weights.file_name().and_then(|n| n.to_str()) != Some("model.safetensors") {
         return Err(format!(
-            "invalid --weights {}: GPTQ calibration runs the whole MiniLM model, so --weights must name              the model.safetensors of a model folder that also contains config.json and tokenizer.json",
+            "invalid --weights {}: calibration runs the whole MiniLM model, so --weights must name the \
+             model.safetensors of a model folder that also contains config.json and tokenizer.json",
             weights.display()
         ));
     }

@@ -255,6 +255,15 @@ pub fn run_layer_with_progress(
         }
         None => quantizer::quantize(weights, r),
     };
+    if let Some(wrong) = options.activations.iter().flatten().find(|v| v.len() != weights.cols) {
+        return Err(format!(
+            "the activation vectors have {} elements, but layer `{}` has {} input channels; check --layout \
+             (the tensor may be stored [in, out]) and that the activations belong to this layer",
+            wrong.len(),
+            weights.name,
+            weights.cols
+        ));
+    }
     let vectors = match &options.activations {
         Some(given) => given.iter().map(|v| (0..layer.k_pad).map(|k| v.get(k).copied().unwrap_or(0)).collect()).collect(),
         None => random_activations(options.vectors, layer.k_pad, r.a, options.seed),

@@ -339,25 +339,63 @@ pub fn write_hex_files(dir: &Path, image: &Image) -> std::io::Result<()> {
 
 /// Fills a temporary folder next to `target` with `fill`, then renames it to `target`,
 /// replacing an older folder of that name only after the new one is complete.
+///
+/// Rejects, before writing anything, a `target` that is a file or a non-empty folder with
+/// none of this crate's output files in it.
 pub fn write_dir_atomically(target: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    check_replaceable(target)?;
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent)?;
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    // The staging folder is removed when it is dropped, so a failed fill or rename leaves
+    // nothing behind.
     let tmp = tempfile::Builder::new().prefix(&format!(".{name}.partial-")).tempdir_in(parent)?;
     fill(tmp.path())?;
-    let staged = tmp.keep();
+    let renamed = |result: std::io::Result<()>| {
+        result.map_err(|e| std::io::Error::new(e.kind(), format!("cannot move the new folder into place: {e}; choose another folder")))
+    };
     if target.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        fs::rename(target, &old)?;
-        if let Err(e) = fs::rename(&staged, target) {
+        renamed(fs::rename(target, &old))?;
+        if let Err(e) = fs::rename(tmp.path(), target) {
             let _ = fs::rename(&old, target);
-            return Err(e);
+            return renamed(Err(e));
         }
         fs::remove_dir_all(&old)?;
     } else {
-        fs::rename(&staged, target)?;
+        renamed(fs::rename(tmp.path(), target))?;
     }
     Ok(())
+}
+
+/// Files of which at least one sits in every folder this crate writes as a whole.
+const OUTPUT_MARKERS: [&str; 3] = ["manifest.json", "config.toml", "msq_top.sv"];
+
+/// Rejects a target that is not a folder, or a non-empty folder that this crate did not
+/// write, so that replacing it as a whole cannot destroy someone's files.
+fn check_replaceable(target: &Path) -> std::io::Result<()> {
+    let Ok(meta) = fs::symlink_metadata(target) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a folder; choose a new folder name or remove it", target.display()),
+        ));
+    }
+    let empty = fs::read_dir(target)?.next().is_none();
+    if empty || OUTPUT_MARKERS.iter().any(|m| target.join(m).is_file()) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!(
+            "{} is a non-empty folder without {}, so microscopiq did not write it and will not replace it; \
+             choose an empty or new folder",
+            target.display(),
+            OUTPUT_MARKERS.join(", ")
+        ),
+    ))
 }
 
 /// Formats golden outputs (`outputs[t * vectors + v][c]`) as `$readmemh` lines of
@@ -378,4 +416,56 @@ pub fn expected_hex(outputs: &[Vec<i128>], r: &Resolved) -> String {
         text.push('\n');
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect()
+    }
+
+    #[test]
+    fn dir_write_rejects_file_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        fs::write(&target, "precious").unwrap();
+        let error = write_dir_atomically(&target, |d| fs::write(d.join("config.toml"), "x")).unwrap_err();
+        assert!(error.to_string().contains("is not a folder"), "unexpected message: {error}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious", "the file was changed");
+        assert!(leftovers(dir.path()).is_empty(), "staging folders left behind: {:?}", leftovers(dir.path()));
+    }
+
+    #[test]
+    fn dir_write_rejects_foreign_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        fs::create_dir_all(target.join("src")).unwrap();
+        fs::write(target.join("src/notes.txt"), "important").unwrap();
+        let error = write_dir_atomically(&target, |d| fs::write(d.join("config.toml"), "x")).unwrap_err();
+        assert!(error.to_string().contains("will not replace it"), "unexpected message: {error}");
+        assert_eq!(fs::read_to_string(target.join("src/notes.txt")).unwrap(), "important", "the folder was changed");
+        assert!(leftovers(dir.path()).is_empty(), "staging folders left behind: {:?}", leftovers(dir.path()));
+    }
+
+    #[test]
+    fn dir_write_replaces_own_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        write_dir_atomically(&target, |d| fs::write(d.join("config.toml"), "old")).unwrap();
+        write_dir_atomically(&target, |d| fs::write(d.join("config.toml"), "new")).unwrap();
+        assert_eq!(fs::read_to_string(target.join("config.toml")).unwrap(), "new");
+        assert!(leftovers(dir.path()).is_empty(), "old or staging folders left behind: {:?}", leftovers(dir.path()));
+    }
+
+    #[test]
+    fn dir_write_failure_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        let error = write_dir_atomically(&target, |_| Err(std::io::Error::other("fill failed"))).unwrap_err();
+        assert!(error.to_string().contains("fill failed"), "unexpected message: {error}");
+        assert!(!target.exists(), "a failed write created the target");
+        assert!(leftovers(dir.path()).is_empty(), "staging folders left behind: {:?}", leftovers(dir.path()));
+    }
 }

@@ -113,6 +113,20 @@ impl SetManifest {
         let manifest: SetManifest = serde_json::from_str(&text).map_err(|e| {
             format!("invalid image set manifest {}: {e}; quantize the set again with `quantize --all-layers`", path.display())
         })?;
+        // A layer folder is a plain child of the set, so a manifest cannot point a run at
+        // another set's images.
+        if let Some(layer) = manifest.layers.iter().find(|l| {
+            let mut parts = Path::new(&l.folder).components();
+            !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None))
+        }) {
+            return Err(format!(
+                "invalid image set manifest {}: layer `{}` has folder `{}`, which is not a folder name inside the set; \
+                 quantize the set again with `quantize --all-layers`",
+                path.display(),
+                layer.tensor,
+                layer.folder
+            ));
+        }
         if manifest.format_version != image::FORMAT_VERSION {
             return Err(format!(
                 "{} has image format version {}, this tool reads version {}; quantize the set again",
@@ -163,4 +177,58 @@ fn describe(r: &Resolved) -> String {
         "{}x{} array, b = {}, A = {}, M = {}, {} pairs per micro-block, k_sigma = {}",
         r.rows, r.cols, r.b, r.a, r.m, r.max_pairs, r.k_sigma
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_with_folder(folder: &str) -> SetManifest {
+        SetManifest {
+            format_version: image::FORMAT_VERSION,
+            generator_version: "test".into(),
+            config_hash: "0".into(),
+            config: String::new(),
+            model: "minilm".into(),
+            weights_file: None,
+            method: "rtn".into(),
+            calibration: None,
+            weights: 1,
+            ebw: 2.0,
+            routing: Vec::new(),
+            layers: vec![SetLayer {
+                tensor: "layer.weight".into(),
+                folder: folder.into(),
+                shape: [1, 1],
+                ebw: 2.0,
+                outliers: 0,
+                demoted: 0,
+                repaired: 0,
+                relative_error: 0.0,
+                cycles_predicted: 1,
+                gptq: None,
+            }],
+        }
+    }
+
+    fn read_with_folder(folder: &str) -> Result<SetManifest, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let text = serde_json::to_string(&manifest_with_folder(folder)).unwrap();
+        std::fs::write(dir.path().join("manifest.json"), text).unwrap();
+        SetManifest::read(dir.path())
+    }
+
+    #[test]
+    fn manifest_rejects_folders_outside_set() {
+        for folder in ["../other_set/00_layer", "/tmp/00_layer", "a/b", ".", ""] {
+            let error = read_with_folder(folder).expect_err(folder);
+            assert!(error.contains("not a folder name inside the set"), "folder `{folder}`: unexpected message: {error}");
+        }
+    }
+
+    #[test]
+    fn manifest_accepts_plain_folder() {
+        let manifest = read_with_folder("00_layer.weight").expect("a plain folder name is valid");
+        assert_eq!(manifest.layers[0].folder, "00_layer.weight");
+    }
 }

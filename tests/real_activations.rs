@@ -51,3 +51,14 @@ fn run_gptq_image_matches_rtl() {
     assert_eq!(report["cycles"], report["cycles_predicted"], "{report}");
     assert!(report["outliers"].as_u64().unwrap() > 0, "{report}");
 }
+
+#[test]
+fn wrong_activation_width_rejected() {
+    let r = common::resolve(&common::config(2, 4, 2, 4, 2));
+    let weights = common::outlier_weights(4, 6, 1);
+    let options = flow::RunOptions { activations: Some(vec![vec![1; 9]]), ..flow::RunOptions::default() };
+    let error = flow::run(&r, &weights, &options, &|_| {}).expect_err("9 activations for 6 input channels");
+    assert!(error.contains("9 elements"), "message does not give the activation width: {error}");
+    assert!(error.contains("6 input channels"), "message does not give the layer width: {error}");
+    assert!(error.contains("--layout"), "message does not point at --layout: {error}");
+}
