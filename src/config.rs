@@ -608,11 +608,14 @@ impl Resolved {
                 "invalid weight_bits = {weight_bits} for this array: it runs {}-bit and {}-bit layers",
                 self.b, wide.b
             ))),
-            None => Err(invalid(format!(
+            None if weight_bits == 2 * self.b => Err(invalid(format!(
                 "invalid weight_bits = {weight_bits} for this array: it runs {}-bit layers only; set \
-                 multi_precision = true to run {}-bit layers too",
-                self.b,
-                2 * self.b
+                 multi_precision = true to run {weight_bits}-bit layers too",
+                self.b
+            ))),
+            None => Err(invalid(format!(
+                "invalid weight_bits = {weight_bits} for this array: it runs {}-bit layers only",
+                self.b
             ))),
         }
     }
