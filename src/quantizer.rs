@@ -608,12 +608,13 @@ pub fn base_exponent<'a>(blocks: impl IntoIterator<Item = &'a MicroBlock>, r: &R
 pub fn encode_micro_block(block: &MicroBlock, base: E8m0, r: &Resolved) -> EncodedBlock {
     let beta = base.exponent().expect("the quantizer never writes the NaN scale");
     let nat_out = block.natural_outlier_exponent(r);
-    let kept: Vec<usize> = block.kept_inliers().collect();
     let mut best: Option<(f64, u32)> = None;
     for d in 0..=r.micro_exp_max() {
-        let err = squared_error_at(r, block, &kept, beta - d as i32, nat_out);
-        if best.is_none_or(|(e, _)| err < e) {
-            best = Some((err, d));
+        let bound = best.map(|(e, _)| e);
+        if let Some(err) = squared_error_below(r, block, beta - d as i32, nat_out, bound) {
+            if best.is_none_or(|(e, _)| err < e) {
+                best = Some((err, d));
+            }
         }
     }
     let d = best.expect("at least one micro-exponent").1;
@@ -621,14 +622,27 @@ pub fn encode_micro_block(block: &MicroBlock, base: E8m0, r: &Resolved) -> Encod
 }
 
 /// Returns the squared error that [`encode_at`] reports at inlier exponent `e_in`, with the
-/// same operations in the same order, but without building the encoding. `kept` contains
-/// the block's kept inliers in ascending order.
-fn squared_error_at(r: &Resolved, block: &MicroBlock, kept: &[usize], e_in: i32, nat_out: Option<i32>) -> f64 {
+/// same operations in the same order, but without building the encoding.
+///
+/// Returns `None` as soon as the running sum of the inlier errors reaches `bound`. The terms
+/// are not negative, and rounded addition of a non-negative term never lowers a sum, so the
+/// full error would not be below `bound` either. Without a bound the error is always returned,
+/// even when it is infinite.
+fn squared_error_below(
+    r: &Resolved,
+    block: &MicroBlock,
+    e_in: i32,
+    nat_out: Option<i32>,
+    bound: Option<f64>,
+) -> Option<f64> {
     let mut err = 0.0;
-    for &i in kept {
+    for i in block.kept_inliers() {
         let q = r.int_format.quantize(block.values[i], e_in, r.rounding);
         let value = r.int_format.value(q, e_in);
         err += (value - block.values[i]).powi(2);
+        if bound.is_some_and(|bound| err >= bound) {
+            return None;
+        }
     }
     if let (Some(fp), Some(nat)) = (r.outlier, nat_out) {
         let natural_offset = nat - e_in;
@@ -653,7 +667,7 @@ fn squared_error_at(r: &Resolved, block: &MicroBlock, kept: &[usize], e_in: i32,
         }
         err += outlier_err;
     }
-    err
+    Some(err)
 }
 
 /// Quantizes `weights` (`[out, in]`) with the configuration `r`.
