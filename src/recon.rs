@@ -142,8 +142,8 @@ pub fn route(m: usize, outliers: &[usize], pruned: &[usize]) -> Option<Route> {
 }
 
 /// Maximum routes memoised per thread. GPTQ and round to nearest call [`route`] once or more
-/// per micro-block, and with M = 8 the few thousand (outliers, pruned) set pairs repeat
-/// across every layer. Once full, the cache keeps its entries and further sets are searched.
+/// per micro-block, and with M = 8 and up to 4 pairs only 1,107 (outliers, pruned) set
+/// pairs exist, which repeat across every layer. Once full, the cache keeps its entries and further sets are searched.
 pub const ROUTE_CACHE_CAPACITY: usize = 1 << 16;
 
 /// Cache key of a [`route`] call: (m, outlier lane mask, pruned lane mask).
