@@ -12,7 +12,8 @@
 //! `--reference-runs` times (default 1) with the reference factorisations on the same
 //! threads. The program prints each run, the median and minimum, the time per layer kind
 //! and phase, and whether every run's 36 results have the digests in
-//! `benches/gptq_minilm_hashes.txt`, which the code before the blocked factorisations wrote.
+//! `benches/gptq_minilm_hashes.txt`. The code after ReCoN re-pairing and before the
+//! quantizer's speed-ups wrote them, with the blocked and the reference factorisations alike.
 //! A digest covers the packed image, the dequantized weights, every code of the quantized
 //! layer and the `GptqInfo`. The program exits with an error when a digest differs.
 

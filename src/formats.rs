@@ -25,7 +25,7 @@ impl Rounding {
     /// `x` should be finite. NaN and infinities are returned unchanged.
     pub fn round(self, x: f64) -> f64 {
         match self {
-            Rounding::NearestEven => x.round_ties_even(),
+            Rounding::NearestEven => round_ties_even(x),
             Rounding::NearestAway => x.round(),
         }
     }
@@ -196,6 +196,24 @@ impl E8m0 {
             Some(e) => pow2(e),
             None => f64::NAN,
         }
+    }
+}
+
+/// Returns `x.round_ties_even()`, bit for bit, without a call into libm.
+///
+/// Without SSE4.1 in the target features, `f64::round_ties_even` compiles to a call of
+/// `rint`, which the quantizer's inner loops make for every weight at every micro-exponent.
+/// For |x| < 2^52 the sum |x| + 2^52 lies in [2^52, 2^53), where the f64 spacing is 1, so the
+/// addition itself rounds |x| to an integer with ties to even (2^52 is even) and the
+/// subtraction is exact. Larger magnitudes, infinities and NaN are already integer-valued or
+/// returned unchanged, and the sign of x is restored so that -0.3 gives -0.0.
+fn round_ties_even(x: f64) -> f64 {
+    const TWO_POW_52: f64 = 4_503_599_627_370_496.0;
+    let magnitude = x.abs();
+    if magnitude < TWO_POW_52 {
+        ((magnitude + TWO_POW_52) - TWO_POW_52).copysign(x)
+    } else {
+        x
     }
 }
 
@@ -690,6 +708,31 @@ mod tests {
     #[should_panic(expected = "finite")]
     fn floor_log2_rejects_nan() {
         floor_log2_f64(f64::NAN);
+    }
+
+    #[test]
+    fn round_ties_even_matches_std() {
+        let mut cases = vec![
+            0.0, -0.0, 0.5, -0.5, 1.5, 2.5, -2.5, 0.49999999999999994, 0.3, -0.3, 1e-320,
+            4_503_599_627_370_495.5, 4_503_599_627_370_496.0, 9_007_199_254_740_993.0,
+            f64::MAX, f64::MIN_POSITIVE, f64::INFINITY, f64::NEG_INFINITY,
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            cases.push(f64::from_bits(state));
+            cases.push((state >> 11) as f64 / 256.0 - 1e13);
+        }
+        for x in cases {
+            let expected = x.round_ties_even();
+            let got = Rounding::NearestEven.round(x);
+            assert!(
+                got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan()),
+                "round_ties_even({x:e}): got {got:e}, expected {expected:e}"
+            );
+        }
     }
 
     #[test]

@@ -496,11 +496,15 @@ impl ColumnLoop<'_> {
     }
 
     /// Fixes the base exponents of macro-block row `kb` from the current weights of its
-    /// channels, unless they are fixed already. `next` is the position about to be quantized.
-    fn fix_bases(&mut self, kb: usize, next: usize) {
+    /// channels, unless they are fixed already. `next` is the position about to be quantized
+    /// and `k` its channel, which must lie in row `kb`.
+    ///
+    /// Returns the plan of channel `k` when the bases were fixed now. Nothing changes the
+    /// channel's weights before it is quantized, so that plan equals a new one.
+    fn fix_bases(&mut self, kb: usize, k: usize, next: usize) -> Option<Vec<MicroBlock>> {
         let ub = self.ublocks();
         if self.bases[kb * ub].is_some() {
-            return;
+            return None;
         }
         let rows = self.r.mab_rows;
         let k_in = self.weights.k_in;
@@ -510,9 +514,9 @@ impl ColumnLoop<'_> {
                 self.bring_up_to_date(p, next);
             }
         }
-        let plans: Vec<Vec<MicroBlock>> = (kb * rows..(kb + 1) * rows)
-            .map(|k| {
-                quantizer::plan_column(&self.weights, self.r, k, self.n_pad, self.u_diagonal[k])
+        let mut plans: Vec<Vec<MicroBlock>> = (kb * rows..(kb + 1) * rows)
+            .map(|row_k| {
+                quantizer::plan_column(&self.weights, self.r, row_k, self.n_pad, self.u_diagonal[row_k])
             })
             .collect();
         for nb in 0..ub {
@@ -521,6 +525,7 @@ impl ColumnLoop<'_> {
                 self.r,
             ));
         }
+        Some(plans.swap_remove(k - kb * rows))
     }
 
     /// Quantizes input channel `k` (at position `next`, or any position for padding) from
@@ -528,11 +533,12 @@ impl ColumnLoop<'_> {
     /// `dequantized`.
     fn quantize_channel(&mut self, k: usize, next: usize) {
         let kb = k / self.r.mab_rows;
-        self.fix_bases(kb, next);
+        let planned = self.fix_bases(kb, k, next);
         let ub = self.ublocks();
         let m = self.r.m;
-        let plans =
-            quantizer::plan_column(&self.weights, self.r, k, self.n_pad, self.u_diagonal[k]);
+        let plans = planned.unwrap_or_else(|| {
+            quantizer::plan_column(&self.weights, self.r, k, self.n_pad, self.u_diagonal[k])
+        });
         for (nb, block) in plans.into_iter().enumerate() {
             let base = self.bases[kb * ub + nb].expect("bases are fixed above");
             let encoded = quantizer::encode_micro_block(&block, base, self.r);

@@ -443,13 +443,26 @@ pub struct PrunedChoice {
 /// the first [`MAX_PRUNED_SETS`] sets routes.
 pub fn route_least_salient(m: usize, values: &[f64], u: &[f64], outliers: &[usize]) -> Option<PrunedChoice> {
     let n = outliers.len();
+    if n == 0 {
+        // The only set is the empty one, whatever the ranking.
+        let route = recon::route(m, &[], &[])?;
+        return Some(PrunedChoice { pruned: Vec::new(), route, sets_tried: 1 });
+    }
     let ranked = least_salient(values, u, outliers, values.len());
     if n > ranked.len() {
         return None;
     }
+    // The cheapest set is ranks 0..n, which [`CheapestSubsets`] also yields first. Trying it
+    // before building the search saves the heap and its set in the common case.
+    let mut pruned: Vec<usize> = ranked[..n].to_vec();
+    pruned.sort_unstable();
+    if let Some(route) = recon::route(m, outliers, &pruned) {
+        return Some(PrunedChoice { pruned, route, sets_tried: 1 });
+    }
     let costs: Vec<f64> = ranked.iter().map(|&i| saliency(values[i], u[i])).collect();
     let mut sets = CheapestSubsets::new(costs, n);
-    for sets_tried in 1..=MAX_PRUNED_SETS {
+    sets.next();
+    for sets_tried in 2..=MAX_PRUNED_SETS {
         let Some(ranks) = sets.next() else { break };
         let mut pruned: Vec<usize> = ranks.iter().map(|&rank| ranked[rank]).collect();
         pruned.sort_unstable();
@@ -595,14 +608,66 @@ pub fn base_exponent<'a>(blocks: impl IntoIterator<Item = &'a MicroBlock>, r: &R
 pub fn encode_micro_block(block: &MicroBlock, base: E8m0, r: &Resolved) -> EncodedBlock {
     let beta = base.exponent().expect("the quantizer never writes the NaN scale");
     let nat_out = block.natural_outlier_exponent(r);
-    let mut best: Option<(f64, EncodedBlock)> = None;
+    let mut best: Option<(f64, u32)> = None;
     for d in 0..=r.micro_exp_max() {
-        let (err, encoded) = encode_at(r, block, d, beta - d as i32, nat_out);
-        if best.as_ref().is_none_or(|(e, _)| err < *e) {
-            best = Some((err, encoded));
+        let bound = best.map(|(e, _)| e);
+        if let Some(err) = squared_error_below(r, block, beta - d as i32, nat_out, bound) {
+            if best.is_none_or(|(e, _)| err < e) {
+                best = Some((err, d));
+            }
         }
     }
-    best.expect("at least one micro-exponent").1
+    let d = best.expect("at least one micro-exponent").1;
+    encode_at(r, block, d, beta - d as i32, nat_out).1
+}
+
+/// Returns the squared error that [`encode_at`] reports at inlier exponent `e_in`, with the
+/// same operations in the same order, but without building the encoding.
+///
+/// Returns `None` as soon as the running sum of the inlier errors reaches `bound`. The terms
+/// are not negative, and rounded addition of a non-negative term never lowers a sum, so the
+/// full error would not be below `bound` either. Without a bound the error is always returned,
+/// even when it is infinite.
+fn squared_error_below(
+    r: &Resolved,
+    block: &MicroBlock,
+    e_in: i32,
+    nat_out: Option<i32>,
+    bound: Option<f64>,
+) -> Option<f64> {
+    let mut err = 0.0;
+    for i in block.kept_inliers() {
+        let q = r.int_format.quantize(block.values[i], e_in, r.rounding);
+        let value = r.int_format.value(q, e_in);
+        err += (value - block.values[i]).powi(2);
+        if bound.is_some_and(|bound| err >= bound) {
+            return None;
+        }
+    }
+    if let (Some(fp), Some(nat)) = (r.outlier, nat_out) {
+        let natural_offset = nat - e_in;
+        let outlier_error = |offset: i32| -> f64 {
+            let e_out = e_in + offset;
+            let mut error = 0.0;
+            for &(o, _) in &block.route.pairs {
+                let code = fp.encode(block.values[o] * pow2(-e_out), r.rounding);
+                let value = fp.decode(code) * pow2(e_out);
+                error += (value - block.values[o]).powi(2);
+            }
+            error
+        };
+        let first = natural_offset.clamp(r.offset_min, r.offset_max());
+        let second = (natural_offset + 1).clamp(r.offset_min, r.offset_max());
+        let mut outlier_err = outlier_error(first);
+        if second != first {
+            let second_err = outlier_error(second);
+            if second_err < outlier_err {
+                outlier_err = second_err;
+            }
+        }
+        err += outlier_err;
+    }
+    Some(err)
 }
 
 /// Quantizes `weights` (`[out, in]`) with the configuration `r`.

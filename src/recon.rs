@@ -121,7 +121,53 @@ pub const MAX_ROUTE_PLACEMENTS: usize = 200_000;
 /// placement in which two paths claim the same switch, because no such completion can merge.
 /// A full placement is checked by simulation ([`merges_pairs`]). The search order is fixed,
 /// so the result is deterministic.
+///
+/// Results are memoised per thread (see [`ROUTE_CACHE_CAPACITY`]), which returns the same
+/// route as a fresh search because the search is deterministic.
 pub fn route(m: usize, outliers: &[usize], pruned: &[usize]) -> Option<Route> {
+    assert_eq!(outliers.len(), pruned.len(), "every outlier needs one pruned lane");
+    let Some(key) = route_key(m, outliers, pruned) else {
+        return search_route(m, outliers, pruned);
+    };
+    if let Some(found) = ROUTE_CACHE.with_borrow(|cache| cache.get(&key).cloned()) {
+        return found;
+    }
+    let found = search_route(m, outliers, pruned);
+    ROUTE_CACHE.with_borrow_mut(|cache| {
+        if cache.len() < ROUTE_CACHE_CAPACITY {
+            cache.insert(key, found.clone());
+        }
+    });
+    found
+}
+
+/// Maximum routes memoised per thread. GPTQ and round to nearest call [`route`] once or more
+/// per micro-block, and with M = 8 and up to 4 pairs only 1,107 (outliers, pruned) set
+/// pairs exist, which repeat across every layer. Once full, the cache keeps its entries and further sets are searched.
+pub const ROUTE_CACHE_CAPACITY: usize = 1 << 16;
+
+/// Cache key of a [`route`] call: (m, outlier lane mask, pruned lane mask).
+type RouteKey = (usize, u64, u64);
+
+thread_local! {
+    static ROUTE_CACHE: std::cell::RefCell<std::collections::HashMap<RouteKey, Option<Route>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Returns the cache key of a call, or `None` when the lanes do not fit a 64-bit mask or a
+/// list is not strictly ascending. Only ascending lists map one to one onto masks, and the
+/// search result depends on the order of both lists.
+fn route_key(m: usize, outliers: &[usize], pruned: &[usize]) -> Option<RouteKey> {
+    let mask = |lanes: &[usize]| -> Option<u64> {
+        let ascending = lanes.windows(2).all(|pair| pair[0] < pair[1]);
+        let fits = lanes.iter().all(|&lane| lane < 64);
+        (ascending && fits).then(|| lanes.iter().fold(0u64, |mask, &lane| mask | 1 << lane))
+    };
+    Some((m, mask(outliers)?, mask(pruned)?))
+}
+
+/// Runs the search of [`route`] without the cache.
+pub fn search_route(m: usize, outliers: &[usize], pruned: &[usize]) -> Option<Route> {
     assert_eq!(outliers.len(), pruned.len(), "every outlier needs one pruned lane");
     let n = outliers.len();
     let stages = stage_count(m);
@@ -496,6 +542,27 @@ mod tests {
         }
         assert!(compared[5] > 0, "no routed set with 5 pairs compared: {compared:?}");
         assert!(compared[6] > 0, "no routed set with 6 pairs compared: {compared:?}");
+    }
+
+    #[test]
+    fn cached_route_matches_search() {
+        let m = 8;
+        let lanes: Vec<usize> = (0..m).collect();
+        for n in 0..=4 {
+            for outliers in subsets(n, &lanes) {
+                let rest: Vec<usize> = lanes.iter().copied().filter(|i| !outliers.contains(i)).collect();
+                for pruned in subsets(n, &rest) {
+                    let searched = search_route(m, &outliers, &pruned);
+                    let first = route(m, &outliers, &pruned);
+                    let cached = route(m, &outliers, &pruned);
+                    assert_eq!(first, searched, "outliers={outliers:?} pruned={pruned:?}");
+                    assert_eq!(cached, searched, "cached, outliers={outliers:?} pruned={pruned:?}");
+                }
+            }
+        }
+        // Lists out of order bypass the cache, and the order changes the pairing.
+        assert_eq!(route(8, &[5, 0], &[3, 6]), search_route(8, &[5, 0], &[3, 6]));
+        assert_ne!(route(8, &[5, 0], &[3, 6]), route(8, &[0, 5], &[3, 6]));
     }
 
     proptest! {
