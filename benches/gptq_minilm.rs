@@ -33,6 +33,14 @@ use microscopiq::models::wordpiece::WordPiece;
 use microscopiq::quantizer::QuantizedLayer;
 use microscopiq::weights::{self, Matrix};
 
+/// Options of the benchmark, printed by --help.
+const USAGE: &str = "cargo bench --bench gptq_minilm -- [--runs N] [--reference-runs N] [--threads T] [--tokens N] [--write-hashes]
+  --runs N            timed passes with the blocked factorisations (default 5)
+  --reference-runs N  timed passes with the reference factorisations (default 1)
+  --threads T         layers quantized in parallel (default: the available cores)
+  --tokens N          calibration tokens (default 2048; other counts skip the digest check)
+  --write-hashes      rewrite benches/gptq_minilm_hashes.txt from this run (2048 tokens only)";
+
 /// Calibration tokens of the benchmark.
 const DEFAULT_TOKENS: usize = 2048;
 
@@ -87,6 +95,10 @@ fn parse_options() -> Result<Options, String> {
             "--write-hashes" => options.write_hashes = true,
             // cargo bench passes --bench to every harness = false target.
             "--bench" => {}
+            "--help" | "-h" => {
+                println!("{}", USAGE);
+                std::process::exit(0);
+            }
             other => {
                 return Err(format!(
                     "unknown argument `{other}`; expected --runs N, --reference-runs N, \
@@ -94,6 +106,15 @@ fn parse_options() -> Result<Options, String> {
                 ))
             }
         }
+    }
+    // The digest file describes the default run; digests of another token count would make
+    // every later default run fail.
+    if options.write_hashes && options.tokens != DEFAULT_TOKENS {
+        return Err(format!(
+            "invalid --write-hashes with --tokens {}: the stored digests are those of {DEFAULT_TOKENS} tokens; \
+             drop --tokens",
+            options.tokens
+        ));
     }
     Ok(options)
 }
