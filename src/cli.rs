@@ -268,6 +268,10 @@ pub struct QuantizeArgs {
     /// Output folder, replaced as a whole when the run succeeds.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Inlier bits of the layer: the array's b (default), or 2b on a --multi-precision array.
+    /// The image then carries the 2b-bit layer configuration.
+    #[arg(long, value_name = "BITS", conflicts_with = "all_layers")]
+    pub layer_bits: Option<u32>,
     /// Activation vectors written with the image, for simulation.
     #[arg(long, default_value_t = 32)]
     pub vectors: usize,
@@ -327,6 +331,10 @@ pub struct SimulateArgs {
     /// Image folder written by `quantize`.
     #[arg(long, value_name = "DIR")]
     pub image: PathBuf,
+    /// TOML configuration of the array to simulate; by default the image's own configuration.
+    /// A multi-precision array also runs the images of its 2b-bit layers.
+    #[arg(long, value_name = "FILE")]
+    pub array: Option<PathBuf>,
     /// Keep the build and run files here.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
@@ -699,7 +707,8 @@ fn layer_folder(index: usize, name: &str) -> String {
 }
 
 fn quantize(args: QuantizeArgs) -> Result<i32, String> {
-    let r = args.config.resolve()?;
+    let array = args.config.resolve()?;
+    let r = array.layer_config(args.layer_bits.unwrap_or(array.b)).map_err(|e| format!("--layer-bits: {e}"))?.clone();
     if args.vectors == 0 {
         return Err("invalid --vectors 0: at least one activation vector is needed".into());
     }
@@ -1068,6 +1077,11 @@ fn read_image_dir(dir: &Path) -> Result<(Resolved, image::Image, golden::Predict
 
 fn simulate(args: SimulateArgs) -> Result<i32, String> {
     let (r, image, prediction) = read_image_dir(&args.image)?;
+    let design = match &args.array {
+        Some(path) => Config::from_file(path).and_then(|c| c.resolve()).map_err(|e| e.to_string())?,
+        None => r.clone(),
+    };
+    let prediction = if args.array.is_some() { golden::predict_on_array(&r, &image, design.rows) } else { prediction };
     let bar = spinner(args.json);
     let simulator = match args.simulator {
         SimulatorArg::Verilator => simulation::Simulator::Verilator,
@@ -1075,14 +1089,18 @@ fn simulate(args: SimulateArgs) -> Result<i32, String> {
     };
     let simulation_progress = SimulationProgress::new(&bar, args.json);
     let options = simulation::SimOptions { work_dir: args.keep.clone(), simulator, trace: args.trace, coverage: args.coverage };
-    let sim = simulation::simulate_with_progress(&r, &image, prediction.cycles, &options, &|event| simulation_progress.show(event))
-        .map_err(|e| e.to_string())?;
+    let sim = simulation::simulate_layer_with_progress(&design, &r, &image, prediction.cycles, &options, &|event| {
+        simulation_progress.show(event)
+    })
+    .map_err(|e| e.to_string())?;
     let comparison = simulation::compare(&prediction, &sim, image.vectors);
     if !comparison.passed() && !args.trace {
         bar.set_message("simulating again with waveforms (waves.fst) for the mismatch");
         let retrace = simulation::SimOptions { work_dir: Some(sim.work_dir.clone()), simulator, trace: true, coverage: false };
-        simulation::simulate_with_progress(&r, &image, prediction.cycles, &retrace, &|event| simulation_progress.show(event))
-            .map_err(|e| e.to_string())?;
+        simulation::simulate_layer_with_progress(&design, &r, &image, prediction.cycles, &retrace, &|event| {
+            simulation_progress.show(event)
+        })
+        .map_err(|e| e.to_string())?;
     }
     bar.finish_and_clear();
     if args.coverage {

@@ -101,3 +101,43 @@ fn single_precision_rtl_unchanged() {
     let names: Vec<String> = generator::generate_rtl(&mp).into_iter().map(|f| f.name).collect();
     assert!(names.contains(&"msq_decode_mp.sv".to_string()), "multi-precision design lacks its decode: {names:?}");
 }
+
+/// Runs the binary in `dir` and returns its exit code, stdout and stderr.
+fn run_binary(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(common::binary()).current_dir(dir).args(args).output().expect("start microscopiq");
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn cli_simulates_w4_image_on_array() {
+    let Some(_) = common::require_minilm("cli_simulates_w4_image_on_array") else { return };
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let shape = ["--rows", "2", "--cols", "4", "--ublock", "4"];
+    let (code, array_toml, stderr) = run_binary(dir.path(), &[&["generate", "--print-config", "--multi-precision"][..], &shape].concat());
+    assert_eq!(code, Some(0), "generate --print-config failed: {stderr}");
+    std::fs::write(dir.path().join("array.toml"), array_toml).expect("write the array configuration");
+
+    let quantize = [
+        &["quantize", "--multi-precision", "--layer-bits", "4", "--vectors", "1", "--out", "w4"][..],
+        &["--tensor", "encoder.layer.0.attention.self.query.weight"],
+        &shape,
+    ]
+    .concat();
+    let (code, _, stderr) = run_binary(dir.path(), &quantize);
+    assert_eq!(code, Some(0), "quantize --layer-bits 4 failed: {stderr}");
+    let image_config = std::fs::read_to_string(dir.path().join("w4/config.toml")).expect("read the image configuration");
+    assert!(image_config.contains("weight_bits = 4"), "the W4 image carries another configuration:\n{image_config}");
+
+    let (code, stdout, stderr) = run_binary(dir.path(), &["simulate", "--image", "w4", "--array", "array.toml", "--json"]);
+    assert_eq!(code, Some(0), "simulate on the multi-precision array failed: {stdout} {stderr}");
+    let comparison: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON value");
+    assert_eq!(comparison["mismatches"], 0, "mismatches: {comparison}");
+    assert_eq!(comparison["cycles"], comparison["cycles_predicted"], "cycle count: {comparison}");
+
+    let (code, plain_toml, stderr) = run_binary(dir.path(), &[&["generate", "--print-config"][..], &shape].concat());
+    assert_eq!(code, Some(0), "generate --print-config failed: {stderr}");
+    std::fs::write(dir.path().join("plain.toml"), plain_toml).expect("write the plain configuration");
+    let (code, _, stderr) = run_binary(dir.path(), &["simulate", "--image", "w4", "--array", "plain.toml"]);
+    assert_eq!(code, Some(2), "a W2-only array accepted a W4 image: {stderr}");
+    assert!(stderr.contains("is not one that the array"), "unexpected message: {stderr}");
+}
