@@ -199,6 +199,18 @@ pub fn capture_minilm(
     model_name: &str,
     samples: &[Vec<u32>],
 ) -> Result<LayerHessians, CalibrationError> {
+    capture_samples(model_name, samples, |ids, record| {
+        model.embed(ids, Some(record));
+    })
+}
+
+/// Runs `forward` on each sample with a capture callback and accumulates every linear
+/// layer's inputs. The first NaN or infinite input of a sample stops with an error.
+fn capture_samples(
+    model_name: &str,
+    samples: &[Vec<u32>],
+    mut forward: impl FnMut(&[u32], &mut dyn FnMut(&str, &[f32], usize)),
+) -> Result<LayerHessians, CalibrationError> {
     let mut hessians = LayerHessians::new(model_name);
     for (sample, ids) in samples.iter().enumerate() {
         let mut failure: Option<CalibrationError> = None;
@@ -207,7 +219,7 @@ pub fn capture_minilm(
                 failure = hessians.add(layer, sample, inputs, width).err();
             }
         };
-        model.embed(ids, Some(&mut record));
+        forward(ids, &mut record);
         if let Some(error) = failure {
             return Err(error);
         }
@@ -439,20 +451,9 @@ pub fn capture_glassllm(
     model_name: &str,
     windows: &[Vec<u32>],
 ) -> Result<LayerHessians, CalibrationError> {
-    let mut hessians = LayerHessians::new(model_name);
-    for (sample, window) in windows.iter().enumerate() {
-        let mut failure: Option<CalibrationError> = None;
-        let mut record = |layer: &str, inputs: &[f32], width: usize| {
-            if failure.is_none() {
-                failure = hessians.add(layer, sample, inputs, width).err();
-            }
-        };
-        model.forward(window, Some(&mut record));
-        if let Some(error) = failure {
-            return Err(error);
-        }
-    }
-    Ok(hessians)
+    capture_samples(model_name, windows, |window, record| {
+        model.forward(window, Some(record));
+    })
 }
 
 /// A failed calibration step.

@@ -4,7 +4,7 @@
 mod common;
 
 use microscopiq::config::Resolved;
-use microscopiq::flow::{self, RunOptions};
+use microscopiq::flow;
 use microscopiq::generator;
 use microscopiq::quantizer;
 
@@ -22,21 +22,13 @@ fn design(rows: u32, cols: u32, ublock: u32) -> Resolved {
 
 /// Runs one layer of `weight_bits`-bit inliers on `array` and checks the comparison.
 fn run_mode(array: &Resolved, weight_bits: u32, seed: u64) -> flow::RunReport {
-    let layer_config = array.layer_config(weight_bits).expect("the array runs this width").clone();
+    let layer_config = array.layer_config(weight_bits).expect("the array runs this width");
     let label = format!("{}x{} multi-precision array, W{weight_bits} layer", array.rows, array.cols);
-    let weights = common::outlier_weights(N_OUT, K_IN, seed);
-    let layer = quantizer::quantize(&weights, &layer_config);
     if layer_config.max_pairs > 0 {
+        let layer = quantizer::quantize(&common::outlier_weights(N_OUT, K_IN, seed), layer_config);
         assert!(layer.stats.outliers > 0, "{label}: the test weights gave no outliers");
     }
-    let options = RunOptions { vectors: VECTORS, seed, ..RunOptions::default() };
-    let report = flow::run_layer(array, &layer_config, &weights, &options, &|_| {})
-        .unwrap_or_else(|e| panic!("{label}: run failed: {e}"));
-    assert_eq!(report.weight_bits, weight_bits, "{label}: wrong layer width reported");
-    assert_eq!(report.mismatches, 0, "{label}: first mismatch {:?}, files in {:?}", report.first_mismatch, report.work_dir);
-    assert_eq!(report.cycles, report.cycles_predicted, "{label}: RTL cycle count differs from the prediction");
-    assert_eq!(report.outputs_compared, report.tiles * VECTORS * array.cols, "{label}: not every output was compared");
-    report
+    common::run_checked(array, weight_bits, (N_OUT, K_IN), VECTORS, seed, &label)
 }
 
 #[test]
@@ -48,9 +40,6 @@ fn w2_and_w4_layers_on_one_array() {
         assert_eq!(narrow.config_hash, wide.config_hash, "both layers must run on the same design");
         // A 4-bit tile covers half as many input channels, so the same layer needs more tiles.
         assert!(wide.tiles > narrow.tiles, "{rows}x{cols}: W4 tiles {} vs W2 tiles {}", wide.tiles, narrow.tiles);
-        if let Err(e) = common::lint_design(&array) {
-            panic!("{rows}x{cols} multi-precision array: verilator --lint-only -Wall reported: {e}");
-        }
     }
 }
 
@@ -61,9 +50,6 @@ fn multi_precision_without_pairs() {
     let array = common::resolve(&config);
     run_mode(&array, 2, 5);
     run_mode(&array, 4, 5);
-    if let Err(e) = common::lint_design(&array) {
-        panic!("multi-precision array without pairs: verilator --lint-only -Wall reported: {e}");
-    }
 }
 
 #[test]

@@ -4,7 +4,6 @@
 mod common;
 
 use microscopiq::config::{Config, Resolved};
-use microscopiq::flow::{self, RunOptions};
 
 const N_OUT: usize = 21;
 const K_IN: usize = 19;
@@ -16,19 +15,9 @@ fn with_stages(mut config: Config, stages: u32) -> Resolved {
     common::resolve(&config)
 }
 
-/// Runs one layer on `r` (or its `weight_bits` layers) and returns the RTL cycle count.
+/// Runs one layer of `weight_bits`-bit inliers on `r`, checks it and returns the RTL cycle count.
 fn run_cycles(r: &Resolved, weight_bits: u32, label: &str) -> u64 {
-    let layer_config = r.layer_config(weight_bits).expect("the array runs this width").clone();
-    let weights = common::outlier_weights(N_OUT, K_IN, 7);
-    let options = RunOptions { vectors: VECTORS, seed: 7, ..RunOptions::default() };
-    let report = flow::run_layer(r, &layer_config, &weights, &options, &|_| {})
-        .unwrap_or_else(|e| panic!("{label}: run failed: {e}"));
-    assert_eq!(report.mismatches, 0, "{label}: first mismatch {:?}, files in {:?}", report.first_mismatch, report.work_dir);
-    assert_eq!(report.cycles, report.cycles_predicted, "{label}: RTL cycle count differs from the prediction");
-    if let Err(e) = common::lint_design(r) {
-        panic!("{label}: verilator --lint-only -Wall reported: {e}");
-    }
-    report.cycles
+    common::run_checked(r, weight_bits, (N_OUT, K_IN), VECTORS, 7, label).cycles
 }
 
 #[test]

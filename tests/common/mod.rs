@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use microscopiq::config::{Config, Resolved};
-use microscopiq::flow::SplitMix64;
+use microscopiq::flow::{self, SplitMix64};
 use microscopiq::generator;
 use microscopiq::golden::{self, Prediction};
 use microscopiq::image::Image;
@@ -148,4 +148,23 @@ pub fn cosimulate(r: &Resolved, image: &Image, label: &str) -> Cosim {
 /// Path of the `microscopiq` binary that Cargo built for these tests.
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_microscopiq"))
+}
+
+/// Runs seeded `n_out x k_in` weights as a layer of `weight_bits`-bit inliers on the array `r`
+/// (its own width, or 2b on a multi-precision array) with `vectors` activation vectors, checks
+/// that the RTL matches the golden model in every output and in the cycle count, lints the
+/// design, and returns the report.
+pub fn run_checked(r: &Resolved, weight_bits: u32, (n_out, k_in): (usize, usize), vectors: usize, seed: u64, label: &str) -> flow::RunReport {
+    let layer_config = r.layer_config(weight_bits).expect("the array runs this width").clone();
+    let weights = outlier_weights(n_out, k_in, seed);
+    let options = flow::RunOptions { vectors, seed, ..flow::RunOptions::default() };
+    let report = flow::run_layer(r, &layer_config, &weights, &options, &|_| {}).unwrap_or_else(|e| panic!("{label}: run failed: {e}"));
+    assert_eq!(report.weight_bits, weight_bits, "{label}: wrong layer width reported");
+    assert_eq!(report.mismatches, 0, "{label}: first mismatch {:?}, files in {:?}", report.first_mismatch, report.work_dir);
+    assert_eq!(report.cycles, report.cycles_predicted, "{label}: RTL cycle count differs from the prediction");
+    assert_eq!(report.outputs_compared, report.passes * vectors * r.cols, "{label}: not every output was compared");
+    if let Err(e) = lint_design(r) {
+        panic!("{label}: verilator --lint-only -Wall reported: {e}");
+    }
+    report
 }
