@@ -167,7 +167,7 @@ impl RtlContext {
             .map(|j| zero_extend(&format!("flags_i[{j}]"), 1, cw))
             .collect::<Vec<_>>()
             .join(" + ");
-        // A multi-precision PE's low lane holds an unsigned half of up to 2^b - 1.
+        // A multi-precision PE's low lane carries an unsigned half of up to 2^b - 1.
         let max_mag = match &r.wide {
             Some(_) => (r.int_format.max_magnitude() as u128).max((1u128 << r.b) - 1),
             None => r.int_format.max_magnitude() as u128,

@@ -76,7 +76,7 @@ pub struct SetLayer {
     pub gptq: Option<GptqRecord>,
 }
 
-/// What GPTQ did with one layer.
+/// GPTQ facts of one layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GptqRecord {
     /// λ added to the diagonal of the Hessian, or `None` after the fallback.

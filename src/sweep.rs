@@ -410,9 +410,10 @@ fn reference_norms<M: LinearModel>(model: &M, hessians: &HashMap<String, Hessian
     norms.into_iter().collect()
 }
 
-/// Picks the rules of `rows` (one model and width, without GPTQ) that run again with GPTQ:
-/// the rule without outliers, `default_rule`, and the `count` best-scoring rules among those
-/// that no other rule beats at an equal or lower EBW (the Pareto front).
+/// Picks the rules of `rows` (one model and width, without GPTQ) that run again with GPTQ.
+///
+/// They are the rule without outliers, `default_rule`, and the `count` best-scoring rules of
+/// the Pareto front, where no other rule beats a rule at an equal or lower EBW.
 pub fn gptq_candidates(rows: &[(Rule, SweepRow)], default_rule: Rule, count: usize) -> Vec<Rule> {
     let mut front: Vec<&(Rule, SweepRow)> = rows
         .iter()
@@ -867,7 +868,7 @@ mod tests {
         Rule::Sigma { scope, k_sigma }.resolve(&Config::default_config(), 2).expect("default resolves")
     }
 
-    /// A 16 x 16 `[out, in]` matrix of small values with one large value per input channel.
+    /// Builds a 16 x 16 `[out, in]` matrix of small values with one large value per input channel.
     fn matrix_with_spikes() -> Matrix {
         let mut data: Vec<f32> = (0..256).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
         for k in 0..16 {

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 /// Simulations per test run.
 const CASES: u32 = 8;
 
-/// A random array configuration and the inlier width of the layer to run on it.
+/// Generates a random array configuration and the inlier width of the layer to run on it.
 fn configurations() -> impl Strategy<Value = (Resolved, u32)> {
     (
         prop::sample::select(vec![1u32, 2, 4]),

@@ -162,9 +162,9 @@ fn upper_form(a: &[f64], n: usize, ld: usize) -> Vec<f64> {
     at
 }
 
-/// Factorises the symmetric matrix whose lower triangle `at` holds in upper form (see
-/// [`upper_form`]) and returns its Cholesky factor L in upper form: row j holds column j of
-/// L from the diagonal on, and every other entry in the `n x n` corner is +0.
+/// Factorises the symmetric matrix whose lower triangle `at` contains in upper form (see
+/// [`upper_form`]) and returns its Cholesky factor L in upper form. Row j contains column j
+/// of L from the diagonal on, and every other entry in the `n x n` corner is +0.
 ///
 /// The bits and the error are those of [`reference::cholesky_lower`]: entry (i, j) is
 /// (a[i][j] - s) / L[j][j], with s the sum from -0 of L[i][p] L[j][p] over p < j in
@@ -365,10 +365,12 @@ fn inverse_upper_form<const W: usize, const NR: usize>(v: &[f64], n: usize, ld: 
     inverse
 }
 
-/// The lazy update of the channels after a GPTQ batch: channel `targets[t]`, at position
-/// `first_position + t`, loses error row j times U[j][position] for each batch position j
-/// from `max(applied[t], batch.start)` to `batch.end`, in increasing j, skipping a zero U
-/// entry as `subtract_scaled` in the column loop does.
+/// Lazy update of the channels after a GPTQ batch.
+///
+/// Channel `targets[t]`, at position `first_position + t`, loses error row j times
+/// U[j][position] for each batch position j from `max(applied[t], batch.start)` to
+/// `batch.end`, in increasing j. A zero U entry is skipped, as `subtract_scaled` in the column
+/// loop does.
 pub(super) struct BatchUpdate<'a> {
     /// Weights by input channel, `n_out` values each.
     pub columns: &'a mut [f64],
@@ -462,7 +464,7 @@ fn subtract_batch_errors_tiled<const W: usize, const NR: usize>(update: &mut Bat
 mod tests {
     use super::*;
 
-    /// A seeded symmetric positive definite matrix B B^T / k + diag, with some exact zeros.
+    /// Builds a seeded symmetric positive definite matrix B B^T / k + diag, with some exact zeros.
     fn spd(n: usize, seed: u64) -> Vec<f64> {
         let mut state = seed;
         let mut next = || {
